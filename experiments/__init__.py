@@ -1,0 +1,1 @@
+"""The herd command line, the recipes and the experiment YAMLs."""
