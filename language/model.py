@@ -77,6 +77,8 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
                              persistent=False)
         self.gradient_checkpointing = False
+        # Packed-document masks through flex attention (no dense T x T mask): None = on CUDA for T >= 1024.
+        self.use_flex_attention: Optional[bool] = None
 
     def forward(self, tokens: Optional[torch.Tensor] = None, *, inputs_embeds: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, doc_ids: Optional[torch.Tensor] = None,
@@ -104,8 +106,10 @@ class LlamaModel(nn.Module):
                 key_valid = cache.key_valid
         elif attention_mask is not None:
             key_valid = attention_mask
-        mask = AttentionMask.build(t, offset, doc_ids, key_valid, h.device,
-                                   use_flex=h.is_cuda and t >= 1024)
+        use_flex = self.use_flex_attention
+        if use_flex is None:
+            use_flex = h.is_cuda and t >= 1024
+        mask = AttentionMask.build(t, offset, doc_ids, key_valid, h.device, use_flex=use_flex)
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
