@@ -110,7 +110,7 @@ def _convert(tp, value, key: str, metadata) -> Any:
             try:
                 return _convert(arg, value, key, metadata)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
         raise errors[0] if len(errors) == 1 else ConfigError(
             f"key '{key}': value {_show(value)} fits none of {_type_name(tp)}")
     if value is None:
