@@ -24,6 +24,31 @@ class ExistingPath(str):
     """A string config field that must name an existing file or folder."""
 
 
+def load_experiment(path: Path, _seen: tuple = ()) -> dict:
+    """Read an experiment YAML. A top-level `base: other.yaml` (relative to this file) is loaded first
+    and this file's keys are merged over it, sections recursively."""
+    path = Path(path)
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: key 'base' must be a path to another YAML, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to {base_path}")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: key 'base': '{base}' not found (looked for {base_path})")
+    return _merge(load_experiment(base_path, _seen + (path.resolve(),)), data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_yaml(path: Path) -> dict:
     """Read a YAML mapping; errors name the file (and line for syntax errors)."""
     path = Path(path)

@@ -82,3 +82,17 @@ def test_resolved_config_round_trips():
     cfg = build(Cfg, {"steps": 7})
     import yaml
     assert build(Cfg, yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+def test_base_yaml_is_merged_recursively(tmp_path):
+    from experiments.config import load_experiment
+    (tmp_path / "parent.yaml").write_text("steps: 3\noptim: {lr: 0.1, betas: [0.5, 0.5]}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\noptim: {lr: 0.2}\n")
+    cfg = build(Cfg, load_experiment(tmp_path / "child.yaml"))
+    assert cfg.steps == 3 and cfg.optim.lr == 0.2 and cfg.optim.betas == [0.5, 0.5]
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_experiment(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="key 'base': 'missing.yaml' not found"):
+        load_experiment(tmp_path / "orphan.yaml")
