@@ -182,6 +182,20 @@ class DeepSpeedBackend:
                 out[name] = full.to("cpu", torch.float32, copy=True).reshape(shapes[name])
         return out
 
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite trainable weights: the fp32 master copies and the module's parameters (a collective)."""
+        import contextlib
+        with torch.no_grad():
+            for name, p in self.trainable:
+                value = state[name]
+                if self.zero_stage > 0:
+                    self._ds.utils.safe_set_full_fp32_param(p, value.to(p.device, torch.float32))
+                gather = (self._ds.zero.GatheredParameters([p], modifier_rank=0) if self.zero_stage == 3
+                          else contextlib.nullcontext())
+                with gather:
+                    if self.zero_stage < 3 or self.rank == 0:
+                        p.data.copy_(value.to(p.device, p.dtype).reshape(p.data.shape))
+
     def save_state(self, folder: Path) -> None:
         """DeepSpeed's own checkpoint (partitioned optimizer state) under ``folder/deepspeed/ds`` (all ranks)."""
         self.engine.save_checkpoint(str(folder / DS_SUBDIR), tag=DS_TAG, client_state={}, save_latest=False,

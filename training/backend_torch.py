@@ -80,6 +80,12 @@ class TorchBackend:
     def trainable_state_dict(self, rank0_only: bool = False) -> dict[str, torch.Tensor]:
         return {n: p.detach().to("cpu", copy=True) for n, p in self.module.named_parameters() if p.requires_grad}
 
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
     def save_state(self, folder: Path) -> None:
         """Write ``optimizer.pt`` (AdamW state + the parameter names behind its integer ids)."""
         ckpt.save_torch({"state_dict": self.optimizer.state_dict(),

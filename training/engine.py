@@ -80,8 +80,11 @@ class Engine:
             log.info("activation checkpointing: %s", self.backend.checkpointing)
 
     # ------------------------------------------------------------------------------------------ training
-    def train_step(self, micro_batches: list[dict], loss_fn: LossFn) -> StepResult:
-        """One optimizer step over ``micro_batches`` (see the module docstring)."""
+    def train_step(self, micro_batches: list[dict], loss_fn: LossFn, *, advance_schedule: bool = True) -> StepResult:
+        """One optimizer step over ``micro_batches`` (see the module docstring).
+
+        ``advance_schedule=False`` trains at the current LR and leaves the LR schedule where it is (extra
+        steps outside the planned schedule, e.g. a context stage repeated after a failed NIAH check)."""
         if not micro_batches:
             raise ValueError("train_step needs at least one micro-batch")
         t0 = time.perf_counter()
@@ -110,10 +113,21 @@ class Engine:
         if applied:
             self.step += 1
             self._nonfinite_in_a_row = 0
+            if not advance_schedule:
+                self._rewind_schedule()
         else:
             self._record_skip(mean_loss, grad_norm, n_tok)
         return StepResult(loss=mean_loss, grad_norm=grad_norm, lr=lr, tokens=n_tok, skipped=not applied,
                           step_time_s=time.perf_counter() - t0)
+
+    def _rewind_schedule(self) -> None:
+        """Undo the scheduler's last step: the next step runs at the LR this one used."""
+        sched = self.backend.scheduler
+        sched.last_epoch -= 1
+        factors = [fn(sched.last_epoch) for fn in sched.lr_lambdas]
+        for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, factors):
+            group["lr"] = base * factor
+        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
     def _record_skip(self, loss: float, grad_norm: float, tokens: int) -> None:
         self.skipped_total += 1
@@ -137,6 +151,18 @@ class Engine:
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 trainable weights on CPU, named as in the model (gathered under ZeRO-3: call on all ranks)."""
         return self.backend.trainable_state_dict(rank0_only=False)
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite the trainable weights (e.g. with a Polyak average); names as ``trainable_state_dict``
+        (a collective under ZeRO-3: call on all ranks). The optimizer state is left as it is."""
+        expected = self.backend.trainable_shapes()
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise CheckpointError(f"load_trainable_state_dict: {len(missing)} trainable tensors missing, e.g. {missing[:3]}")
+        bad = [f"{n}: {tuple(state[n].shape)} vs {expected[n]}" for n in expected if tuple(state[n].shape) != expected[n]]
+        if bad:
+            raise CheckpointError(f"load_trainable_state_dict: shape mismatch {bad[:3]}")
+        self.backend.load_trainable_state_dict(state)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, extra_state: dict) -> Path:
