@@ -1,0 +1,130 @@
+"""The `herd` command line.
+
+  herd run EXPERIMENT.yaml [dotted.key=value ...] [--print-config]
+  herd data prepare [text]
+  herd eval niah --model PATH_OR_RUN [--lengths ...]
+  herd chat --model PATH [--prompt TEXT]
+
+Errors in configs, data paths and checkpoints print one line naming what is wrong and exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, apply_overrides, build, dump_yaml, load_experiment
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    # The deepspeed launcher appends --local_rank=N; everything else unknown is an error.
+    unknown = [a for a in unknown if not a.startswith("--local_rank")]
+    if unknown and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return args.func(args, unknown)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"herd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("herd: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # checkpoint/data errors carry their own clear message
+        if type(e).__name__ in ("CheckpointError", "DataError", "TrainingError", "CorpusError"):
+            print(f"herd: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="herd", description=__doc__.split("\n\n")[0])
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an experiment YAML")
+    run.add_argument("experiment", help="path to the experiment YAML")
+    run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. optim.lr=3e-4 resume=true")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.set_defaults(func=_cmd_run)
+
+    data = sub.add_parser("data", help="prepare bundled data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="extract and split the bundled corpora")
+    prep.add_argument("what", nargs="?", default="text", choices=["text"])
+    prep.add_argument("--out", default="data/text", help="output folder (default data/text)")
+    prep.set_defaults(func=_cmd_data_prepare)
+
+    ev = sub.add_parser("eval", help="evaluate a model")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    niah = ev_sub.add_parser("niah", help="needle-in-a-haystack retrieval over depths x lengths")
+    niah.add_argument("--model", required=True, help="a run folder of text_pretrain or a checkpoint path")
+    niah.add_argument("--lengths", type=int, nargs="+", default=None, help="haystack lengths in tokens")
+    niah.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    niah.add_argument("--per-cell", type=int, default=8)
+    niah.add_argument("--out", default=None, help="folder for niah.json and the heatmap (default: the run folder)")
+    niah.set_defaults(func=_cmd_eval_niah)
+
+    chat = sub.add_parser("chat", help="interactive terminal chat with a language model")
+    chat.add_argument("--model", required=True, help="HF folder, GGUF file or Meta folder")
+    chat.add_argument("--prompt", default=None, help="answer this one prompt and exit")
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--device", default="auto")
+    chat.set_defaults(func=_cmd_chat)
+    return p
+
+
+def resolve_config(experiment: str, overrides: list[str]):
+    """YAML + overrides -> (recipe module, validated config)."""
+    from .recipes import get_recipe
+    path = Path(experiment)
+    data = apply_overrides(load_experiment(path), overrides)
+    recipe = get_recipe(data.get("recipe"))
+    try:
+        config = build(recipe.Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return recipe, config
+
+
+def _cmd_run(args, unknown) -> int:
+    from .runner import run_experiment
+    overrides = list(args.overrides) + list(unknown)
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        raise ConfigError(f"unrecognized option {bad[0]} (overrides look like dotted.key=value)")
+    recipe, config = resolve_config(args.experiment, overrides)
+    if args.print_config:
+        print(dump_yaml(config), end="")
+        return 0
+    run_experiment(recipe, config)
+    return 0
+
+
+def _cmd_data_prepare(args, _) -> int:
+    from .data_prep import prepare_text
+    info = prepare_text(Path(args.out))
+    print(f"prepared {args.out}: {info}")
+    return 0
+
+
+def _cmd_eval_niah(args, _) -> int:
+    from .recipes.text_pretrain import eval_niah_cli
+    return eval_niah_cli(args)
+
+
+def _cmd_chat(args, _) -> int:
+    from demo.terminal_chat import chat_main
+    if not os.path.exists(args.model):
+        raise ConfigError(f"--model: '{args.model}' does not exist")
+    return chat_main(args.model, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, device=args.device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
