@@ -223,7 +223,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         raise ConfigError(f"{e} (the plan has {len(plan)} steps)") from None
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     state = engine.resume() or {"plan_index": 0, "cursor": 0, "retries": {}, "niah": {}, "skipped": 0,
-                                "snapshots": []}
+                                "snapshots": [], "retry_stage": None, "retry_left": 0}
     if state["plan_index"]:
         print(f"herd: resumed at step {state['plan_index']} of {len(plan)}", flush=True)
     logger = MetricsLogger(run_dir)
@@ -235,42 +235,50 @@ def run(cfg: Config, run_dir: Path) -> dict:
         return perplexity(engine.model, val_cache[seq_len][:limit] if limit else val_cache[seq_len])
 
     datasets: dict[int, PackedDataset] = {}
+    n_stages = len(cfg.stages)
     snap_every = max(1, anneal_steps // cfg.anneal.average_checkpoints) if anneal_steps else 0
     progress = Progress(len(plan), initial=state["plan_index"], print_every=10, desc=cfg.experiment)
-    holding = state.get("holding", 0)  # retry steps left at a held LR after a failed NIAH check
     model.train()
-    while state["plan_index"] < len(plan):
-        ps = plan[state["plan_index"]]
+    while state["plan_index"] < len(plan) or state["retry_stage"] is not None:
+        # a retry after a failed NIAH check repeats the gated stage's last step shape at a held LR
+        retrying = state["retry_stage"] is not None
+        ps = plan[state["plan_index"] - 1] if retrying else plan[state["plan_index"]]
         ds = datasets.setdefault(ps.seq_len, PackedDataset(train_tokens, ps.seq_len, seed=cfg.seed, pad_id=pad_id))
         batch = ds.batch_at(state["cursor"], ps.batch_size)
         micro = _split(batch.as_dict(), cfg.engine.grad_accum_steps)
-        result = engine.train_step(micro, lm_loss, advance_schedule=holding == 0)
+        result = engine.train_step(micro, lm_loss, advance_schedule=not retrying)
         state["cursor"] = batch.next_cursor
         state["skipped"] += int(result.skipped)
-        if holding:
-            holding -= 1
+        if retrying:
+            state["retry_left"] -= 1
         else:
             state["plan_index"] += 1
         step = engine.step
         progress.update(state["plan_index"], result.loss, result.tokens)
         record = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                   "tokens": result.tokens, "seq_len": ps.seq_len, "batch_size": ps.batch_size, "stage": ps.stage,
-                  "skipped": result.skipped}
+                  "skipped": result.skipped, "retry": retrying}
         if step % cfg.eval_every == 0 or state["plan_index"] == len(plan):
             record["eval_ppl"] = val_ppl(ps.seq_len)  # first data.val_batches batches: a trend
         logger.log(step, record)
-        finished_stage = (not holding and ps.stage < len(cfg.stages)
-                          and (state["plan_index"] == len(plan) or plan[state["plan_index"]].stage != ps.stage))
-        if finished_stage and cfg.stages[ps.stage].niah is not None:
-            holding = _niah_gate(cfg, ps.stage, engine.model, tokenizer, val_docs, state, run_dir, logger, step)
-        in_anneal = ps.stage == len(cfg.stages)
-        if in_anneal and not holding and (anneal_steps - (len(plan) - state["plan_index"])) % snap_every == 0:
+        stage_done = (not retrying and ps.stage < n_stages
+                      and (state["plan_index"] == len(plan) or plan[state["plan_index"]].stage != ps.stage))
+        retry_done = retrying and state["retry_left"] <= 0
+        if (stage_done or retry_done) and cfg.stages[ps.stage].niah is not None:
+            n_retry = _niah_gate(cfg, ps.stage, engine.model, tokenizer, val_docs, state, run_dir, logger, step)
+            state["retry_stage"], state["retry_left"] = (ps.stage, n_retry) if n_retry else (None, 0)
+            model.train()
+        elif retry_done:
+            state["retry_stage"], state["retry_left"] = None, 0
+        if (ps.stage == n_stages and not retrying
+                and (anneal_steps - (len(plan) - state["plan_index"])) % snap_every == 0):
             state["snapshots"].append(save_snapshot(engine.trainable_state_dict(), run_dir / "anneal", step))
             state["snapshots"] = state["snapshots"][-cfg.anneal.average_checkpoints:]
         stop = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
-        if step % cfg.checkpoint_every == 0 or state["plan_index"] == len(plan) or stop:
-            engine.save_checkpoint(dict(state, holding=holding))
-        if stop and state["plan_index"] < len(plan):
+        finished = state["plan_index"] == len(plan) and state["retry_stage"] is None
+        if step % cfg.checkpoint_every == 0 or finished or stop:
+            engine.save_checkpoint(state)
+        if stop and not finished:
             progress.close()
             engine.close()
             return {"stopped_at_step": step, "planned_steps": len(plan), "last_loss": result.loss}
@@ -302,7 +310,8 @@ def _split(batch: dict, n: int) -> list[dict]:
 
 
 def _niah_gate(cfg, stage_idx, model, tokenizer, val_docs, state, run_dir, logger, step) -> int:
-    """Run the stage's NIAH check; returns the number of held-LR retry steps to train (0 = advance)."""
+    """Run the stage's NIAH check; returns the number of held-LR retry steps to train (0 = advance:
+    passed, or out of retries, which is recorded as not passed)."""
     stage = cfg.stages[stage_idx]
     gate = stage.niah
     result = _niah_eval(model, tokenizer, val_docs, [stage.seq_len], gate.depths, gate.per_cell, cfg.seed)
@@ -320,6 +329,7 @@ def _niah_gate(cfg, stage_idx, model, tokenizer, val_docs, state, run_dir, logge
         return 0
     state["retries"][key] = tries + 1
     return max(1, math.ceil(gate.retry_tokens / (cfg.batch_tokens // stage.seq_len * stage.seq_len)))
+
 
 
 def _niah_eval(model, tokenizer, val_docs, lengths, depths, per_cell, seed):

@@ -121,3 +121,18 @@ def test_resume_refuses_other_model_and_truncated_checkpoint(experiment, capsys)
     assert main(["run", str(experiment), "resume=true"]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "herd: error:" in err
+
+
+@pytest.mark.parametrize("threshold,tries,passed", [(1.0, 2, False), (0.0, 1, True)])
+def test_niah_gate_retries_at_a_held_lr_then_records(experiment, threshold, tries, passed):
+    gate = f"{{threshold: {threshold}, depths: [0.5], per_cell: 1, retry_tokens: 512, max_retries: 1}}"
+    stages = f"stages=[{{seq_len: 64, tokens: 512}}, {{seq_len: 256, tokens: 512, niah: {gate}}}]"
+    assert main(["run", str(experiment), stages, "data.niah_fraction=0.2", "anneal.tokens=0", "batch_tokens=512"]) == 0
+    (run,) = _runs(experiment)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["niah_stages"]["1"]["tries"] == tries and summary["niah_stages"]["1"]["passed"] is passed
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    retry_lrs = [r["lr"] for r in records if r.get("retry")]
+    assert len(retry_lrs) == (1 if not passed else 0)  # retry_tokens 512 = one step of 2 rows of 256
+    assert len(set(retry_lrs)) <= 1  # the schedule is held during retries
+    assert (run / "niah_stage1_256.png").is_file()
