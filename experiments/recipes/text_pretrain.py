@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from language.tokenizer import load_tokenizer, train_bpe
 from training.averaging import average_state_dicts, save_snapshot
 from training.config import EngineConfig, OptimConfig, ScheduleConfig
 from training.engine import Engine
+from training.errors import TrainingError
 from training.metrics import MetricsLogger, plot_curves
 from training.progress import Progress
 
@@ -82,6 +83,8 @@ class NiahGate:
     per_cell: int = field(default=4, metadata={"range": (1, None)})
     retry_tokens: int = field(default=0, metadata={"range": (0, None), "help": "extra training tokens after a failed check"})
     max_retries: int = field(default=0, metadata={"range": (0, None)})
+    on_fail: Literal["continue", "stop"] = field(default="continue", metadata={
+        "help": "after the last failed retry: go on to the next stage (recorded as not passed) or stop the run"})
 
 
 @dataclass
@@ -326,6 +329,10 @@ def _niah_gate(cfg, stage_idx, model, tokenizer, val_docs, state, run_dir, logge
           f"{'>=' if passed else '<'} {gate.threshold}", flush=True)
     if passed or tries >= gate.max_retries or gate.retry_tokens == 0:
         state["niah"][key]["passed"] = passed
+        if not passed and gate.on_fail == "stop":
+            raise TrainingError(f"stage {stage_idx} (seq_len {stage.seq_len}): NIAH accuracy "
+                                f"{result.mean_accuracy:.3f} < threshold {gate.threshold} after {tries + 1} checks "
+                                f"(stages[{stage_idx}].niah.on_fail=stop); the last checkpoint is in {run_dir}")
         return 0
     state["retries"][key] = tries + 1
     return max(1, math.ceil(gate.retry_tokens / (cfg.batch_tokens // stage.seq_len * stage.seq_len)))

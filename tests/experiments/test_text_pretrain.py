@@ -136,3 +136,10 @@ def test_niah_gate_retries_at_a_held_lr_then_records(experiment, threshold, trie
     assert len(retry_lrs) == (1 if not passed else 0)  # retry_tokens 512 = one step of 2 rows of 256
     assert len(set(retry_lrs)) <= 1  # the schedule is held during retries
     assert (run / "niah_stage1_256.png").is_file()
+
+
+def test_niah_gate_can_stop_the_run(experiment, capsys):
+    gate = "{threshold: 1.0, depths: [0.5], per_cell: 1, on_fail: stop}"
+    stages = f"stages=[{{seq_len: 256, tokens: 512, niah: {gate}}}]"
+    assert main(["run", str(experiment), stages, "data.niah_fraction=0.2", "anneal.tokens=0", "batch_tokens=512"]) == 2
+    assert "NIAH accuracy" in capsys.readouterr().err
