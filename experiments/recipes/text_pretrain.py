@@ -127,6 +127,11 @@ class Config(RunConfig):
     def __post_init__(self):
         if not self.stages:
             raise ValueError("stages: at least one stage is needed")
+        plan = build_plan(self)
+        anneal = sum(1 for p in plan if p.stage == len(self.stages))
+        if self.schedule.warmup_steps + anneal > len(plan):
+            raise ValueError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) + annealing steps ({anneal}) "
+                             f"exceed the {len(plan)} steps that stages, anneal and batch_tokens plan")
 
 
 @dataclass

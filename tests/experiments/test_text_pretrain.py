@@ -140,6 +140,9 @@ def test_niah_gate_retries_at_a_held_lr_then_records(experiment, threshold, trie
 
 def test_niah_gate_can_stop_the_run(experiment, capsys):
     gate = "{threshold: 1.0, depths: [0.5], per_cell: 1, on_fail: stop}"
-    stages = f"stages=[{{seq_len: 256, tokens: 512, niah: {gate}}}]"
+    stages = f"stages=[{{seq_len: 256, tokens: 1536, niah: {gate}}}]"
     assert main(["run", str(experiment), stages, "data.niah_fraction=0.2", "anneal.tokens=0", "batch_tokens=512"]) == 2
     assert "NIAH accuracy" in capsys.readouterr().err
+    assert main(["run", str(experiment), "schedule.warmup_steps=100"]) == 2  # checked before any run folder
+    assert "exceed the 30 steps" in capsys.readouterr().err
+    assert len(_runs(experiment)) == 1
