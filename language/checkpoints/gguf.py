@@ -18,7 +18,7 @@ from ..config import LlamaConfig, RopeScaling
 from ..model import Llama
 from ..rope import rope_inv_freq
 from . import CheckpointError
-from .hf import Entry, assemble
+from .hf import Entry, NameMap, assemble
 from .meta import interleaved_to_half_split
 
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -27,6 +27,7 @@ _LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "att
                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                 "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_NAMES = NameMap(_GLOBAL_NAMES, _LAYER, _LAYER_NAMES, q_part="attn_q", k_part="attn_k")
 _ROPE_FREQS = "rope_freqs.weight"
 _MISSING = object()
 
@@ -44,7 +45,7 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Llam
     for name, t in tensors.items():
         if name == _ROPE_FREQS:
             continue  # folded into config.rope_scaling
-        target, heads = _hf_name(name, config)
+        target, heads = _NAMES.to_hf(name, config)
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest-varying dimension first
         entries[target] = Entry(shape, f"{path} [{name}, {t.tensor_type.name}]", partial(_read, path, t, heads))
     return assemble(config, entries, dtype=dtype, device=device, source=str(path))
@@ -119,17 +120,6 @@ def _scaling_from_rope_freqs(divisors: np.ndarray, head_dim: int, theta: float, 
     if divisors.shape != ours.shape or not np.allclose(ours, divisors, rtol=1e-4):
         raise CheckpointError(f"{path}: {_ROPE_FREQS} does not follow Llama 3.1 RoPE scaling; unsupported")
     return scaling
-
-
-def _hf_name(name: str, config: LlamaConfig) -> tuple[str, int]:
-    """HF name of a GGUF tensor and, for Q/K, the head count to un-interleave with (else 0)."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name], 0
-    m = _LAYER.fullmatch(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}.get(m.group(2), 0)
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight", heads
-    return name, 0  # reported as unexpected
 
 
 def _dequantize(path: Path, t) -> np.ndarray:

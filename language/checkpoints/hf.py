@@ -97,6 +97,26 @@ def _few(names: list[str], n: int = 5) -> str:
 
 # ---------------------------------------------------------------- config.json <-> LlamaConfig
 
+class NameMap(NamedTuple):
+    """How a foreign checkpoint names tensors: whole-model names, the per-layer pattern (layer index, part)
+    and its parts, and which parts are the Q and K projections (stored in the interleaved RoPE layout)."""
+    global_names: dict[str, str]
+    layer: re.Pattern
+    layer_parts: dict[str, str]
+    q_part: str
+    k_part: str
+
+    def to_hf(self, name: str, config: LlamaConfig) -> tuple[str, int]:
+        """HF name of a tensor and, for Q/K, the head count to un-interleave with (else 0)."""
+        if name in self.global_names:
+            return self.global_names[name], 0
+        m = self.layer.fullmatch(name)
+        if m and m.group(2) in self.layer_parts:
+            heads = {self.q_part: config.n_heads, self.k_part: config.n_kv_heads}.get(m.group(2), 0)
+            return f"model.layers.{m.group(1)}.{self.layer_parts[m.group(2)]}.weight", heads
+        return name, 0  # reported as unexpected
+
+
 def config_from_hf(d: dict, origin: str) -> LlamaConfig:
     """LlamaConfig from an HF `config.json` dict (transformers 4 or 5 spelling of the RoPE keys)."""
     model_type = d.get("model_type", "llama")

@@ -17,7 +17,7 @@ import torch
 from ..config import LlamaConfig, RopeScaling
 from ..model import Llama
 from . import CheckpointError
-from .hf import Entry, assemble
+from .hf import Entry, NameMap, assemble
 
 _GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
@@ -27,6 +27,7 @@ _LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k
                 "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
                 "ffn_norm": "post_attention_layernorm"}
 _LAYER = re.compile(r"layers\.(\d+)\.([\w.]+)\.weight")
+_NAMES = NameMap(_GLOBAL_NAMES, _LAYER, _LAYER_NAMES, q_part="attention.wq", k_part="attention.wk")
 # Dimension along which model-parallel ranks hold slices (None: replicated). The embedding is special:
 # Llama 3 splits the vocabulary (dim 0), Llama 1/2 split the model dim (dim 1).
 _SPLIT_DIM = {"attention.wq": 0, "attention.wk": 0, "attention.wv": 0, "attention.wo": 1, "feed_forward.w1": 0,
@@ -101,7 +102,7 @@ def load_meta(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Llam
 
     entries = {}
     for name, entry in merged.items():
-        target, heads = _hf_name(name, config)
+        target, heads = _NAMES.to_hf(name, config)
         if heads:
             entry = entry._replace(load=partial(_permuted, entry.load, heads))
         entries[target] = entry
@@ -129,17 +130,6 @@ def _merged_entry(name: str, pieces: list[torch.Tensor], dim: int, origin: str) 
     shape = list(pieces[0].shape)
     shape[split] = sum(p.shape[split] for p in pieces)
     return Entry(tuple(shape), f"{origin} ['{name}']", lambda: torch.cat(pieces, dim=split))
-
-
-def _hf_name(name: str, config: LlamaConfig) -> tuple[str, int]:
-    """HF name of a Meta tensor and, for Q/K, the head count to un-interleave with (else 0)."""
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name], 0
-    m = _LAYER.fullmatch(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        heads = {"attention.wq": config.n_heads, "attention.wk": config.n_kv_heads}.get(m.group(2), 0)
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight", heads
-    return name, 0  # reported as unexpected
 
 
 def _permuted(load, n_heads: int) -> torch.Tensor:
