@@ -34,7 +34,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from language import Llama, preset  # noqa: E402
 from language.generation import generate, prefill  # noqa: E402
-from language.rope import rope_inv_freq  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -188,8 +187,6 @@ def run(args) -> dict:
     hf = hf_llama(config, dtype, device)
     ours = Llama(config).to(device=device, dtype=dtype)
     ours.load_state_dict(hf.state_dict())  # identical weights (HF names)
-    # .to(dtype) also cast the RoPE frequencies; keep them float32 as the checkpoint loaders do
-    ours.model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling).to(device)
 
     gen = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(device)

@@ -33,7 +33,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
              pad_id: int = 0) -> list[list[int]]:
     """Continue each prompt; returns the new tokens per prompt (stop token excluded).
 
-    model: a `Llama` (or anything with its `forward(tokens, positions=, attention_mask=, cache=)`,
+    model: a `Llama` (or anything with its `forward(tokens, positions=, attention_mask=, cache=, logits_to_keep=)`,
         `new_cache(batch, max_len)` and `config.max_seq_len`); it is put in eval mode for the call.
     prompts: B lists of token ids, each non-empty; lengths may differ (left-padded with `pad_id`,
         which is masked out, so its value does not change the result).
@@ -117,13 +117,8 @@ def _decode_loop(model, prompts, outputs, max_new_tokens, temperature, top_p, st
 def prefill(model: nn.Module, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor],
             cache: KVCache) -> torch.Tensor:
     """Run the prompt through the model, filling `cache`; tokens (B, T) -> next-token logits (B, vocab).
-
-    For a `Llama` only the last position goes through `lm_head` (the others' logits are never used).
-    """
-    if isinstance(model, Llama):
-        hidden = model.model(tokens, attention_mask=attention_mask, cache=cache)  # (B, T, dim)
-        return model.lm_head(hidden[:, -1])
-    return model(tokens, attention_mask=attention_mask, cache=cache)[:, -1]
+    Only the last position goes through the output projection (`logits_to_keep=1`)."""
+    return model(tokens, attention_mask=attention_mask, cache=cache, logits_to_keep=1)[:, -1]
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

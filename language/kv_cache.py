@@ -20,6 +20,7 @@ class KVCache:
         self.key_valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len
+        self.has_padding = False  # host-side: True once a padded row was written (no device sync to ask)
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_len: int, dtype=torch.float32, device="cpu") -> "KVCache":
@@ -50,5 +51,5 @@ class KVCache:
         out.keys = [k.repeat_interleave(n, dim=0) for k in self.keys]
         out.values = [v.repeat_interleave(n, dim=0) for v in self.values]
         out.key_valid = self.key_valid.repeat_interleave(n, dim=0)
-        out.length, out.max_len = self.length, self.max_len
+        out.length, out.max_len, out.has_padding = self.length, self.max_len, self.has_padding
         return out

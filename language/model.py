@@ -74,8 +74,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling),
-                             persistent=False)
+        self.register_buffer("inv_freq", self.fresh_inv_freq(), persistent=False)
         self.gradient_checkpointing = False
         # Packed-document masks through flex attention (no dense T x T mask): None = on CUDA for T >= 1024.
         self.use_flex_attention: Optional[bool] = None
@@ -102,7 +101,8 @@ class LlamaModel(nn.Module):
         if cache is not None:
             if attention_mask is not None:
                 cache.key_valid[:, offset:offset + t] = attention_mask
-            if attention_mask is not None or not bool(cache.key_valid[:, :offset + t].all()):
+                cache.has_padding = cache.has_padding or not bool(attention_mask.all())
+            if cache.has_padding:
                 key_valid = cache.key_valid
         elif attention_mask is not None:
             key_valid = attention_mask
@@ -122,9 +122,22 @@ class LlamaModel(nn.Module):
             cache.advance(t)
         return self.norm(h)
 
+    def fresh_inv_freq(self, device=None) -> torch.Tensor:
+        """The RoPE inverse frequencies (head_dim // 2,) in float32, recomputed from the config."""
+        c = self.config
+        inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        return inv_freq if device is None else inv_freq.to(device)
+
+    def _apply(self, fn, recurse=True):
+        """Module casts (.to(bf16), .half()) must not round the RoPE frequencies: they stay float32."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self.fresh_inv_freq(self.inv_freq.device)
+        return self
+
     @staticmethod
     def _default_positions(b, t, offset, attention_mask, cache, device):
-        if attention_mask is None and (cache is None or bool(cache.key_valid[:, :offset].all())):
+        if attention_mask is None and (cache is None or not cache.has_padding):
             return torch.arange(offset, offset + t, device=device).expand(b, t)
         # left padding: a row's position counts only its real tokens so far
         valid = attention_mask if attention_mask is not None else torch.ones(b, t, dtype=torch.bool, device=device)
@@ -149,9 +162,11 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
-    def forward(self, tokens: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab). Keyword arguments as `LlamaModel.forward`."""
-        return self.lm_head(self.model(tokens, **kwargs))
+    def forward(self, tokens: Optional[torch.Tensor] = None, *, logits_to_keep: int = 0, **kwargs) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab), or (B, k, vocab) for the last k positions when
+        logits_to_keep=k > 0 (prefill needs only the last). Keyword arguments as `LlamaModel.forward`."""
+        hidden = self.model(tokens, **kwargs)
+        return self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None, dtype=None) -> KVCache:
         """An empty KV cache on this model's device (default length: the config's max_seq_len)."""

@@ -21,7 +21,6 @@ from safetensors.torch import save_file
 
 from ..config import LlamaConfig, RopeScaling
 from ..model import Llama
-from ..rope import rope_inv_freq
 from . import CheckpointError
 
 # Tensors some checkpoints carry that the model recomputes (old HF Llama files store RoPE frequencies).
@@ -68,7 +67,7 @@ def assemble(config: LlamaConfig, entries: dict[str, Entry], *, dtype: torch.dty
     if config.tie_embeddings:  # assign=True gave lm_head its own Parameter: share the embedding again
         model.lm_head.weight = model.model.embed_tokens.weight
     # non-persistent buffers are not in checkpoints: recompute them on the target device
-    model.model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling).to(device)
+    model.model.inv_freq = model.model.fresh_inv_freq(device)  # non-persistent: built on meta, recomputed here
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{source}: tensors the loader does not fill are still on the meta device: {left[:5]}")

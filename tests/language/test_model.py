@@ -111,3 +111,16 @@ def test_flex_attention_document_mask_equals_dense(tiny):
         tiny.model.use_flex_attention = True
         flex = tiny(tokens, doc_ids=doc_ids, positions=positions)
     torch.testing.assert_close(flex, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_dtype_casts_keep_rope_frequencies_float32(tiny):
+    expected = tiny.model.fresh_inv_freq()
+    tiny.to(torch.bfloat16)
+    assert tiny.model.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(tiny.model.inv_freq, expected, rtol=0, atol=0)
+
+
+def test_logits_to_keep_returns_the_last_positions(tiny):
+    tokens = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(tokens, logits_to_keep=2), tiny(tokens)[:, -2:])
