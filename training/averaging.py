@@ -14,11 +14,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
+def snapshot_path(folder: Path, step: int) -> Path:
+    return Path(folder) / f"step_{step:08d}.safetensors"
+
+
 def save_snapshot(state_dict: dict[str, torch.Tensor], folder: Path, step: int) -> str:
     """Write `folder/step_XXXXXXXX.safetensors` via a temp file + rename; returns its path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:08d}.safetensors"
+    path = snapshot_path(folder, step)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
     os.replace(tmp, path)

@@ -112,3 +112,15 @@ def gather_objects(obj: Any) -> list[Any] | None:
     out = [None] * world_size() if rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def init_distributed() -> bool:
+    """Join the launcher's process group (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment) if this
+    process has not yet; nccl on GPUs, gloo on CPU. Returns True when the group was created here (the
+    caller then destroys it at the end); backends started later reuse it."""
+    if is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env_world()[2])
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,8 @@ from language.niah import evaluate_niah, make_niah_examples, make_niah_training_
 from language.packing import IGNORE_INDEX, PackedDataset, encode_documents, eval_batches
 from language.text_metrics import perplexity, unigram_baseline_perplexity
 from language.tokenizer import load_tokenizer, train_bpe
-from training.averaging import average_state_dicts, save_snapshot
+from training.averaging import average_state_dicts, save_snapshot, snapshot_path
+from training.distributed import barrier
 from training.config import EngineConfig, OptimConfig, ScheduleConfig
 from training.engine import Engine
 from training.errors import TrainingError
@@ -142,8 +144,9 @@ class PlanStep:
 
 
 def build_plan(cfg: Config) -> list[PlanStep]:
-    """The step-by-step schedule of sequence length and batch size (deterministic from the config)."""
-    accum = cfg.engine.grad_accum_steps
+    """The step-by-step schedule of sequence length and global batch size (deterministic from the config;
+    batch sizes are multiples of data-parallel ranks x gradient-accumulation steps)."""
+    accum = cfg.engine.grad_accum_steps * int(os.environ.get("WORLD_SIZE", "1"))
     plan, seen = [], 0
 
     def batch_size(seq_len):
@@ -183,24 +186,24 @@ def build_model(cfg: ModelSection, vocab_size: int) -> Llama:
 
 
 def _prepare_data(cfg: Config, run_dir: Path):
+    """Corpus and tokenizer; under several ranks, rank 0 prepares and the others wait, then all read."""
     corpus_dir = Path(cfg.data.corpus_dir)
-    if not (corpus_dir / "train.jsonl").is_file():
-        archive = find_archive([Path(d) for d in cfg.data.archive_dirs])
-        print(f"herd: preparing the bundled corpus from {archive} into {corpus_dir}", flush=True)
-        ensure_corpus(archive, corpus_dir)
+    tok_dir = run_dir / "tokenizer"
+    if is_rank_zero():
+        if not (corpus_dir / "train.jsonl").is_file():
+            archive = find_archive([Path(d) for d in cfg.data.archive_dirs])
+            print(f"herd: preparing the bundled corpus from {archive} into {corpus_dir}", flush=True)
+            ensure_corpus(archive, corpus_dir)
+        if not cfg.tokenizer.path and not (tok_dir / "tokenizer.json").is_file():  # else: resumed, same tokenizer
+            tok_dir.mkdir(parents=True, exist_ok=True)
+            texts = tok_dir / "train_texts.txt"
+            texts.write_text("\n\n".join(d.text for d in load_documents(corpus_dir / "train.jsonl")))
+            train_bpe([texts], cfg.tokenizer.vocab_size, tok_dir)
+            texts.unlink()
+    barrier()
     train_docs = load_documents(corpus_dir / "train.jsonl")
     val_docs = load_documents(corpus_dir / "val.jsonl")
-    tok_dir = run_dir / "tokenizer"
-    if cfg.tokenizer.path:
-        tokenizer = load_tokenizer(cfg.tokenizer.path)
-    elif (tok_dir / "tokenizer.json").is_file():  # resumed run: the same tokenizer
-        tokenizer = load_tokenizer(tok_dir)
-    else:
-        texts = tok_dir / "train_texts.txt"
-        tok_dir.mkdir(parents=True, exist_ok=True)
-        texts.write_text("\n\n".join(d.text for d in train_docs))
-        tokenizer = train_bpe([texts], cfg.tokenizer.vocab_size, tok_dir)
-        texts.unlink()
+    tokenizer = load_tokenizer(cfg.tokenizer.path or tok_dir)
     return tokenizer, train_docs, val_docs
 
 
@@ -253,7 +256,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
         ps = plan[state["plan_index"] - 1] if retrying else plan[state["plan_index"]]
         ds = datasets.setdefault(ps.seq_len, PackedDataset(train_tokens, ps.seq_len, seed=cfg.seed, pad_id=pad_id))
         batch = ds.batch_at(state["cursor"], ps.batch_size)
-        micro = _split(batch.as_dict(), cfg.engine.grad_accum_steps)
+        # every rank packs the same global batch and trains on its share of the rows
+        rows = {k: v[engine.rank::engine.world_size] for k, v in batch.as_dict().items()}
+        micro = _split(rows, cfg.engine.grad_accum_steps)
         result = engine.train_step(micro, lm_loss, advance_schedule=not retrying)
         state["cursor"] = batch.next_cursor
         state["skipped"] += int(result.skipped)
@@ -280,7 +285,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
             state["retry_stage"], state["retry_left"] = None, 0
         if (ps.stage == n_stages and not retrying
                 and (anneal_steps - (len(plan) - state["plan_index"])) % snap_every == 0):
-            state["snapshots"].append(save_snapshot(engine.trainable_state_dict(), run_dir / "anneal", step))
+            weights = engine.trainable_state_dict()  # a collective under ZeRO-3: every rank calls
+            path = save_snapshot(weights, run_dir / "anneal", step) if is_rank_zero() else snapshot_path(run_dir / "anneal", step)
+            state["snapshots"].append(str(path))
             state["snapshots"] = state["snapshots"][-cfg.anneal.average_checkpoints:]
         stop = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
         finished = state["plan_index"] == len(plan) and state["retry_stage"] is None
@@ -361,6 +368,7 @@ def _finish(cfg, engine, model, tokenizer, val_docs, val_ppl, unigram, state, ru
     summary = {"steps": len(plan), "tokens_trained": int(sum(p.batch_size * p.seq_len for p in plan)),
                "parameters": model.num_parameters(), "skipped_steps": state["skipped"],
                "val_ppl_last": last_ppl, "unigram_ppl": unigram}
+    barrier()  # rank 0 has written every snapshot before any rank reads them
     snapshots = [Path(p) for p in state["snapshots"] if Path(p).is_file()]
     if len(snapshots) > 1:
         averaged = average_state_dicts(snapshots)
@@ -378,9 +386,12 @@ def _finish(cfg, engine, model, tokenizer, val_docs, val_ppl, unigram, state, ru
         final_niah, summary["niah_final"] = None, f"not run: {e}"
     summary["niah_stages"] = state["niah"]
     summary["wall_time_s"] = round(time.time() - t_start, 1)
+    weights = engine.trainable_state_dict()  # full weights on every rank (gathered under ZeRO-3)
     if is_rank_zero():
         final = run_dir / "final"
-        save_hf(model, final)
+        final_model = Llama(model.config)
+        final_model.load_state_dict(weights)
+        save_hf(final_model, final)
         tokenizer.save(final)
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
         if final_niah is not None:
