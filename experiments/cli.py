@@ -3,6 +3,7 @@
   herd run EXPERIMENT.yaml [dotted.key=value ...] [--print-config]
   herd data prepare [text]
   herd eval niah --model PATH_OR_RUN [--lengths ...]
+  herd average CKPT CKPT ... [--weights W ...] --out DIR
   herd chat --model PATH [--prompt TEXT]
 
 Errors in configs, data paths and checkpoints print one line naming what is wrong and exit non-zero.
@@ -69,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     niah.add_argument("--out", default=None, help="folder for niah.json and the heatmap (default: the run folder)")
     niah.set_defaults(func=_cmd_eval_niah)
 
+    avg = sub.add_parser("average", help="average compatible checkpoints (uniform or weighted)")
+    avg.add_argument("checkpoints", nargs="+", help="checkpoint folders (step_N/, an HF folder) or .safetensors files")
+    avg.add_argument("--weights", type=float, nargs="+", default=None, help="one weight per checkpoint (normalised)")
+    avg.add_argument("--out", required=True, help="output folder (model.safetensors, plus config/tokenizer files "
+                                                  "copied from the first checkpoint folder)")
+    avg.set_defaults(func=_cmd_average)
+
     chat = sub.add_parser("chat", help="interactive terminal chat with a language model")
     chat.add_argument("--model", required=True, help="HF folder, GGUF file or Meta folder")
     chat.add_argument("--prompt", default=None, help="answer this one prompt and exit")
@@ -118,6 +126,13 @@ def _cmd_data_prepare(args, _) -> int:
 def _cmd_eval_niah(args, _) -> int:
     from .recipes.text_pretrain import eval_niah_cli
     return eval_niah_cli(args)
+
+
+def _cmd_average(args, _) -> int:
+    from .averaging import average_checkpoints
+    out = average_checkpoints([Path(c) for c in args.checkpoints], args.weights, Path(args.out))
+    print(f"herd: averaged {len(args.checkpoints)} checkpoints into {out}")
+    return 0
 
 
 def _cmd_chat(args, _) -> int:
