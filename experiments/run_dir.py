@@ -2,7 +2,6 @@
 plots, summary.json). Resuming finds the newest run of the experiment that holds a checkpoint."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -39,7 +38,3 @@ def find_resume_dir(output_dir: str, experiment: str, resume) -> Optional[Path]:
                                   for c in ckpts.iterdir()):
             return run
     raise ConfigError(f"key 'resume': no run of '{experiment}' under {base} has a complete checkpoint")
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0

@@ -10,11 +10,11 @@ import yaml
 
 import torch
 
-from training.distributed import broadcast_object, init_distributed
+from training.distributed import broadcast_object, init_distributed, is_rank0
 from training.metrics import summary_table
 
 from .config import ConfigError, dump_yaml, to_dict
-from .run_dir import find_resume_dir, is_rank_zero, new_run_dir
+from .run_dir import find_resume_dir, new_run_dir
 
 # Sections whose change makes a checkpoint incompatible with the config it is resumed under.
 _RESUME_MUST_MATCH = ("model", "tokenizer")
@@ -31,12 +31,12 @@ def run_experiment(recipe, config) -> dict:
 
 def _run(recipe, config) -> dict:
     run_dir = _choose_run_dir(config)
-    if is_rank_zero():  # a resumed run keeps its original config.yaml next to the one it resumed with
+    if is_rank0():  # a resumed run keeps its original config.yaml next to the one it resumed with
         name = "config.yaml" if not (run_dir / "config.yaml").exists() else "config.resumed.yaml"
         (run_dir / name).write_text(dump_yaml(config))
         print(f"herd: run folder {run_dir}", flush=True)
     summary = recipe.run(config, run_dir)
-    if is_rank_zero():
+    if is_rank0():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         print(summary_table(dict(_flatten(summary)), title=f"\n{config.experiment}: {run_dir}"), flush=True)
     return summary
@@ -54,7 +54,7 @@ def _choose_run_dir(config) -> Path:
 
 def _shared_new_run_dir(config) -> Path:
     """Under a multi-process launcher, rank 0 creates the folder and every rank gets its name."""
-    name = str(new_run_dir(config.output_dir, config.experiment)) if is_rank_zero() else None
+    name = str(new_run_dir(config.output_dir, config.experiment)) if is_rank0() else None
     return Path(broadcast_object(name))
 
 

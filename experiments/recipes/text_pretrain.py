@@ -28,7 +28,7 @@ from language.packing import IGNORE_INDEX, PackedDataset, encode_documents, eval
 from language.text_metrics import perplexity, unigram_baseline_perplexity
 from language.tokenizer import load_tokenizer, train_bpe
 from training.averaging import average_state_dicts, save_snapshot, snapshot_path
-from training.distributed import barrier
+from training.distributed import barrier, is_rank0
 from training.config import EngineConfig, OptimConfig, ScheduleConfig
 from training.engine import Engine
 from training.errors import TrainingError
@@ -37,7 +37,6 @@ from training.progress import Progress
 
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
-from ..run_dir import is_rank_zero
 
 
 @dataclass
@@ -189,7 +188,7 @@ def _prepare_data(cfg: Config, run_dir: Path):
     """Corpus and tokenizer; under several ranks, rank 0 prepares and the others wait, then all read."""
     corpus_dir = Path(cfg.data.corpus_dir)
     tok_dir = run_dir / "tokenizer"
-    if is_rank_zero():
+    if is_rank0():
         if not (corpus_dir / "train.jsonl").is_file():
             archive = find_archive([Path(d) for d in cfg.data.archive_dirs])
             print(f"herd: preparing the bundled corpus from {archive} into {corpus_dir}", flush=True)
@@ -286,7 +285,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         if (ps.stage == n_stages and not retrying
                 and (anneal_steps - (len(plan) - state["plan_index"])) % snap_every == 0):
             weights = engine.trainable_state_dict()  # a collective under ZeRO-3: every rank calls
-            path = save_snapshot(weights, run_dir / "anneal", step) if is_rank_zero() else snapshot_path(run_dir / "anneal", step)
+            path = save_snapshot(weights, run_dir / "anneal", step) if is_rank0() else snapshot_path(run_dir / "anneal", step)
             state["snapshots"].append(str(path))
             state["snapshots"] = state["snapshots"][-cfg.anneal.average_checkpoints:]
         stop = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
@@ -334,7 +333,7 @@ def _niah_gate(cfg, stage_idx, model, tokenizer, val_docs, state, run_dir, logge
     tries = state["retries"].get(key, 0)
     state["niah"][key] = {"seq_len": stage.seq_len, "accuracy": result.mean_accuracy, "tries": tries + 1}
     logger.log(step, {f"eval_niah_{stage.seq_len}": result.mean_accuracy})
-    if is_rank_zero():
+    if is_rank0():
         plot_niah_heatmap(result, run_dir / f"niah_stage{stage_idx}_{stage.seq_len}.png")
     passed = result.mean_accuracy >= gate.threshold
     print(f"herd: stage {stage_idx} (seq {stage.seq_len}) NIAH accuracy {result.mean_accuracy:.3f} "
@@ -387,7 +386,7 @@ def _finish(cfg, engine, model, tokenizer, val_docs, val_ppl, unigram, state, ru
     summary["niah_stages"] = state["niah"]
     summary["wall_time_s"] = round(time.time() - t_start, 1)
     weights = engine.trainable_state_dict()  # full weights on every rank (gathered under ZeRO-3)
-    if is_rank_zero():
+    if is_rank0():
         final = run_dir / "final"
         final_model = Llama(model.config)
         final_model.load_state_dict(weights)
