@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from language import Llama, preset  # noqa: E402
+from language.checkpoints.hf import config_to_hf  # noqa: E402
 from language.generation import generate, prefill  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,18 +42,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def hf_llama(config, dtype, device):
     """`transformers.LlamaForCausalLM` of the same shape as our config (SDPA attention, default cache)."""
     import transformers
-    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling is not None:
-        s = config.rope_scaling
-        rope.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-                    high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_position)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, rms_norm_eps=config.norm_eps,
-        rope_parameters=rope, max_position_embeddings=config.max_seq_len,
-        tie_word_embeddings=config.tie_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=0,
-        attn_implementation="sdpa")
+    hf_config = transformers.LlamaConfig(**config_to_hf(config, dtype), bos_token_id=None, eos_token_id=None,
+                                         pad_token_id=0, attn_implementation="sdpa")
     return transformers.LlamaForCausalLM(hf_config).to(device=device, dtype=dtype)
 
 

@@ -5,6 +5,7 @@ import torch
 
 from language import Llama, preset
 from language import generation
+from language.checkpoints.hf import config_to_hf
 from language.generation import generate, sample_next
 
 transformers = pytest.importorskip("transformers")
@@ -12,17 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 def hf_llama(config):
     """A `transformers.LlamaForCausalLM` of the same shape as our `config` (random weights)."""
-    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rope_scaling is not None:
-        s = config.rope_scaling
-        rope.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-                    high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_position)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, rms_norm_eps=config.norm_eps,
-        rope_parameters=rope, max_position_embeddings=config.max_seq_len,
-        tie_word_embeddings=config.tie_embeddings, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf_config = transformers.LlamaConfig(**config_to_hf(config, torch.float32), bos_token_id=None,
+                                         eos_token_id=None, pad_token_id=None)
     return transformers.LlamaForCausalLM(hf_config).eval()
 
 
