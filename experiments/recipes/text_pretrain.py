@@ -389,7 +389,10 @@ def _finish(cfg, engine, model, tokenizer, val_docs, val_ppl, unigram, state, ru
     if is_rank0():
         final = run_dir / "final"
         final_model = Llama(model.config)
-        final_model.load_state_dict(weights)
+        missing, unexpected = final_model.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_embeddings else set()  # stored once, as the embedding
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"final weights do not match the model: missing {missing}, unexpected {unexpected}")
         save_hf(final_model, final)
         tokenizer.save(final)
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")

@@ -33,7 +33,8 @@ def _corpus(folder: Path) -> Path:
 def experiment(tmp_path):
     cfg = {
         "experiment": "tiny", "recipe": "text_pretrain", "seed": 0, "output_dir": str(tmp_path / "runs"),
-        "model": {"preset": "tiny", "dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64},
+        "model": {"preset": "tiny", "dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64,
+                  "tie_embeddings": True},
         "tokenizer": {"vocab_size": 300},
         "data": {"corpus_dir": str(_corpus(tmp_path / "corpus")), "niah_fraction": 0.0, "val_batches": 2},
         "batch_tokens": 256, "stages": [{"seq_len": 64, "tokens": 7168}],
@@ -59,6 +60,9 @@ def test_run_writes_everything_and_learns(experiment, capsys):
     (run,) = _runs(experiment)
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss_curve.png", "final/config.json"):
         assert (run / name).is_file(), name
+    from language.checkpoints import load_pretrained
+    final = load_pretrained(run / "final")  # the saved final model (the Polyak average), tied weights included
+    assert final.lm_head.weight is final.model.embed_tokens.weight
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["averaged_snapshots"] == 2
     assert summary["val_ppl_final"] < summary["unigram_ppl"]  # the chain's bigram structure was learned
