@@ -272,7 +272,7 @@ def plot_niah_heatmap(result: NiahResult, out_png: Path, title: Optional[str] = 
     from matplotlib.figure import Figure
 
     acc = np.asarray(result.accuracy, dtype=float)
-    fig = Figure(figsize=(1.2 + 0.9 * len(result.lengths), 1.0 + 0.5 * len(result.depths)))
+    fig = Figure(figsize=(max(4.5, 1.2 + 0.9 * len(result.lengths)), 1.0 + 0.5 * len(result.depths)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(acc, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
