@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 

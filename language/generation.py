@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from .kv_cache import KVCache
-from .model import Llama
 
 TokenCallback = Callable[[int, int], None]  # (row, token id), called for every returned token, in order
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -223,10 +223,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         raise ConfigError(f"stages: seq_len {longest} exceeds model.max_seq_len {model.config.max_seq_len}")
     plan = build_plan(cfg)
     anneal_steps = sum(1 for p in plan if p.stage == len(cfg.stages))
-    schedule = cfg.schedule
-    if anneal_steps and schedule.anneal_steps != anneal_steps:
-        from dataclasses import replace
-        schedule = replace(schedule, anneal_steps=anneal_steps)
+    schedule = replace(cfg.schedule, anneal_steps=anneal_steps)  # derived from anneal.tokens, never set by hand
     try:
         engine = Engine(model, cfg.engine, cfg.optim, schedule, total_steps=len(plan), run_dir=run_dir, seed=cfg.seed)
     except ValueError as e:  # the engine's own validation names the key
@@ -277,7 +274,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                       and (state["plan_index"] == len(plan) or plan[state["plan_index"]].stage != ps.stage))
         retry_done = retrying and state["retry_left"] <= 0
         if (stage_done or retry_done) and cfg.stages[ps.stage].niah is not None:
-            n_retry = _niah_gate(cfg, ps.stage, engine.model, tokenizer, val_docs, state, run_dir, logger, step)
+            n_retry = _niah_gate(cfg, ps, engine.model, tokenizer, val_docs, state, run_dir, logger, step)
             state["retry_stage"], state["retry_left"] = (ps.stage, n_retry) if n_retry else (None, 0)
             model.train()
         elif retry_done:
@@ -323,10 +320,10 @@ def _split(batch: dict, n: int) -> list[dict]:
     return [{k: v[i::n] for k, v in batch.items()} for i in range(n)]
 
 
-def _niah_gate(cfg, stage_idx, model, tokenizer, val_docs, state, run_dir, logger, step) -> int:
+def _niah_gate(cfg, ps: PlanStep, model, tokenizer, val_docs, state, run_dir, logger, step) -> int:
     """Run the stage's NIAH check; returns the number of held-LR retry steps to train (0 = advance:
     passed, or out of retries, which is recorded as not passed)."""
-    stage = cfg.stages[stage_idx]
+    stage_idx, stage = ps.stage, cfg.stages[ps.stage]
     gate = stage.niah
     result = _niah_eval(model, tokenizer, val_docs, [stage.seq_len], gate.depths, gate.per_cell, cfg.seed)
     key = str(stage_idx)
@@ -346,7 +343,7 @@ def _niah_gate(cfg, stage_idx, model, tokenizer, val_docs, state, run_dir, logge
                                 f"(stages[{stage_idx}].niah.on_fail=stop); the last checkpoint is in {run_dir}")
         return 0
     state["retries"][key] = tries + 1
-    return max(1, math.ceil(gate.retry_tokens / (cfg.batch_tokens // stage.seq_len * stage.seq_len)))
+    return max(1, math.ceil(gate.retry_tokens / (ps.batch_size * ps.seq_len)))
 
 
 
