@@ -12,6 +12,11 @@ from ..config import ConfigError
 
 RECIPES = {
     "text_pretrain": "experiments.recipes.text_pretrain",
+    "sft": "experiments.recipes.sft",
+    "reward_model": "experiments.recipes.reward_model",
+    "dpo": "experiments.recipes.dpo",
+    "rejection_sampling": "experiments.recipes.rejection_sampling",
+    "posttrain_demo": "experiments.recipes.posttrain_demo",
 }
 
 
