@@ -14,7 +14,7 @@ from training.distributed import broadcast_object, init_distributed, is_rank0
 from training.metrics import summary_table
 
 from .config import ConfigError, dump_yaml, to_dict
-from .run_dir import find_resume_dir, new_run_dir
+from .run_dir import find_resume_dir, mark_latest, new_run_dir
 
 # Sections whose change makes a checkpoint incompatible with the config it is resumed under.
 _RESUME_MUST_MATCH = ("model", "tokenizer")
@@ -38,6 +38,7 @@ def _run(recipe, config) -> dict:
     summary = recipe.run(config, run_dir)
     if is_rank0():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        mark_latest(run_dir)
         print(summary_table(dict(_flatten(summary)), title=f"\n{config.experiment}: {run_dir}"), flush=True)
     return summary
 

@@ -48,7 +48,11 @@ def experiment(tmp_path):
 
 def _runs(path: Path) -> list[Path]:
     root = yaml.safe_load(path.read_text())["output_dir"]
-    return sorted((Path(root) / "tiny").glob("*"))
+    return _runs_under(Path(root))
+
+
+def _runs_under(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "tiny").glob("*") if not p.is_symlink())
 
 
 def _losses(run: Path) -> list[float]:
@@ -60,6 +64,7 @@ def test_run_writes_everything_and_learns(experiment, capsys):
     (run,) = _runs(experiment)
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss_curve.png", "final/config.json"):
         assert (run / name).is_file(), name
+    assert (run.parent / "latest").resolve() == run.resolve()  # later stages name runs/<exp>/latest/final
     from language.checkpoints import load_pretrained
     final = load_pretrained(run / "final")  # the saved final model (the Polyak average), tied weights included
     assert final.lm_head.weight is final.model.embed_tokens.weight
@@ -189,5 +194,5 @@ def test_herd_run_under_the_deepspeed_launcher(experiment, tmp_path):
     ds_losses = _losses(run)
     assert main(["run", str(experiment), "output_dir=" + str(tmp_path / "single"), "anneal.tokens=0",
                  "stages=[{seq_len: 64, tokens: 2048}]"]) == 0
-    (single,) = sorted((tmp_path / "single" / "tiny").glob("*"))
+    (single,) = _runs_under(tmp_path / "single")
     assert ds_losses == pytest.approx(_losses(single), abs=1e-5)
