@@ -38,6 +38,7 @@ from .activation_checkpointing import enable_activation_checkpointing
 from .config import EngineConfig, OptimConfig, ScheduleConfig
 from .distributed import ensure_single_process_env, env_world, launched
 from .errors import CheckpointError, TrainingError
+from .module_state import copy_into, trained_buffers
 from .optim import build_optimizer
 from .precision import autocast, move_batch, resolve_device
 from .schedule import build_scheduler
@@ -167,7 +168,9 @@ class DeepSpeedBackend:
 
     # ------------------------------------------------------------------------------------------ state
     def trainable_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape) for n, p in self.trainable}
+        shapes = {n: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape) for n, p in self.trainable}
+        shapes.update({n: tuple(b.shape) for n, b in trained_buffers(self.module).items()})
+        return shapes
 
     def trainable_state_dict(self, rank0_only: bool = False) -> dict[str, torch.Tensor]:
         """Full fp32 master weights of the trainable parameters (a collective: every rank must call)."""
@@ -180,6 +183,8 @@ class DeepSpeedBackend:
                 raise TrainingError(f"DeepSpeed has no fp32 master copy of trainable parameter {name}")
             if keep:
                 out[name] = full.to("cpu", torch.float32, copy=True).reshape(shapes[name])
+        if keep:  # buffers (BatchNorm statistics) are replicated, never partitioned
+            out.update({n: b.detach().to("cpu", copy=True) for n, b in trained_buffers(self.module).items()})
         return out
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -195,6 +200,7 @@ class DeepSpeedBackend:
                 with gather:
                     if self.zero_stage < 3 or self.rank == 0:
                         p.data.copy_(value.to(p.device, p.dtype).reshape(p.data.shape))
+        copy_into(self.module, state, [n for n in trained_buffers(self.module) if n in state])
 
     def save_state(self, folder: Path) -> None:
         """DeepSpeed's own checkpoint (partitioned optimizer state) under ``folder/deepspeed/ds`` (all ranks)."""

@@ -17,6 +17,7 @@ from .activation_checkpointing import enable_activation_checkpointing
 from .config import EngineConfig, OptimConfig, ScheduleConfig
 from .distributed import env_world
 from .errors import CheckpointError, TrainingError
+from .module_state import copy_into, trained_buffers
 from .optim import build_optimizer, param_group_names
 from .precision import autocast, move_batch, resolve_device
 from .schedule import build_scheduler
@@ -74,17 +75,20 @@ class TorchBackend:
         return float(self.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------------------------------ state
+    def _trained(self) -> dict[str, torch.Tensor]:
+        out = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        out.update(trained_buffers(self.module))
+        return out
+
     def trainable_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in self.module.named_parameters() if p.requires_grad}
+        return {n: tuple(t.shape) for n, t in self._trained().items()}
 
     def trainable_state_dict(self, rank0_only: bool = False) -> dict[str, torch.Tensor]:
-        return {n: p.detach().to("cpu", copy=True) for n, p in self.module.named_parameters() if p.requires_grad}
+        """Trainable parameters + buffers of trainable modules (BatchNorm statistics), CPU copies."""
+        return {n: t.detach().to("cpu", copy=True) for n, t in self._trained().items()}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.module.named_parameters())
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        copy_into(self.module, state, state.keys())
 
     def save_state(self, folder: Path) -> None:
         """Write ``optimizer.pt`` (AdamW state + the parameter names behind its integer ids)."""
@@ -96,10 +100,7 @@ class TorchBackend:
         path = folder / ckpt.WEIGHTS_FILE
         ckpt.check_weights_match(path, self.trainable_shapes())
         weights = ckpt.load_weights(path)
-        params = dict(self.module.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
+        copy_into(self.module, weights, weights.keys())
         saved = ckpt.load_torch(folder / ckpt.OPTIMIZER_FILE)
         if saved.get("param_names") != param_group_names(self.module):
             raise CheckpointError(f"{folder / ckpt.OPTIMIZER_FILE}: optimizer parameter groups do not match "
