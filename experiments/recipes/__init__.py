@@ -17,6 +17,12 @@ RECIPES = {
     "dpo": "experiments.recipes.dpo",
     "rejection_sampling": "experiments.recipes.rejection_sampling",
     "posttrain_demo": "experiments.recipes.posttrain_demo",
+    "clip_pretrain": "experiments.recipes.clip_pretrain",
+    "image_adapter": "experiments.recipes.image_adapter",
+    "vqa_eval": "experiments.recipes.vqa_eval",
+    "bestrq_pretrain": "experiments.recipes.bestrq_pretrain",
+    "speech_adapter": "experiments.recipes.speech_adapter",
+    "speech_eval": "experiments.recipes.speech_eval",
 }
 
 
