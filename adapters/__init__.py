@@ -1,1 +1,8 @@
-"""The multimodal composition around a frozen language model (see ARCHITECTURE.md). Built in a later issue."""
+"""The multimodal composition around a frozen language model (see ARCHITECTURE.md): gated cross-attention
+image adapters, the composed VisionLanguageModel (HF Mllama import), the speech adapter and the freezing
+policy per training stage."""
+from .freezing import FreezePolicy, stage_policy
+from .image_tokens import ImageTextCollator
+from .vision_language import VisionLanguageConfig, VisionLanguageModel
+
+__all__ = ["FreezePolicy", "ImageTextCollator", "VisionLanguageConfig", "VisionLanguageModel", "stage_policy"]

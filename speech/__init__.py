@@ -1,1 +1,2 @@
-"""Speech features, Conformer encoder, BEST-RQ, speech data and metrics (see ARCHITECTURE.md). Built in a later issue."""
+"""Speech: audio loading, log-mel features, the rotary Conformer encoder, BEST-RQ, speech data (espeak
+synthesis, Asterisk prompts, manifests) and WER/BLEU metrics (see ARCHITECTURE.md)."""

@@ -1,1 +1,6 @@
-"""Image encoder, tiling, image data and VQA metrics (see ARCHITECTURE.md). Built in a later issue."""
+"""Image encoder (tile-aware ViT, Mllama layout), image loading and tiling, procedural scenes, image
+datasets and VQA metrics (see ARCHITECTURE.md)."""
+from .config import VisionConfig, preset
+from .encoder import VisionEncoder
+
+__all__ = ["VisionConfig", "VisionEncoder", "preset"]

@@ -194,11 +194,11 @@ def load_hf(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
         raise CheckpointError(f"{config_path}: cannot read the config ({e})") from e
     config = config_from_hf(raw, str(config_path))
     with ExitStack() as files:
-        entries = _safetensors_entries(folder, files)
+        entries = safetensors_entries(folder, files)
         return assemble(config, entries, dtype=dtype, device=device, source=str(folder))
 
 
-def _safetensors_entries(folder: Path, files: ExitStack) -> dict[str, Entry]:
+def safetensors_entries(folder: Path, files: ExitStack) -> dict[str, Entry]:
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
         wanted = None
