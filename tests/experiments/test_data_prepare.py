@@ -22,3 +22,28 @@ def test_prepare_text_from_the_bundled_archive(tmp_path, capsys):
 def test_missing_archive_says_how_to_get_it(tmp_path, capsys):
     assert main(["data", "prepare", "text", "--out", str(tmp_path), "--archive-dir", str(tmp_path)]) == 2
     assert "make data" in capsys.readouterr().err
+
+
+def test_prepare_speech_wires_the_options(tmp_path, capsys, monkeypatch):
+    import experiments.data_prep_speech as prep
+    seen = {}
+
+    def fake(out, downloads, espeak, workers, fetch):
+        seen.update(out=out, downloads=downloads, train=espeak.train_size, workers=workers, fetch=fetch)
+        return "espeak: fake"
+    monkeypatch.setattr(prep, "prepare_speech", fake)
+    assert main(["data", "prepare", "speech", "--out", str(tmp_path / "s"), "--downloads-dir", str(tmp_path),
+                 "--no-fetch", "--train-size", "7", "--workers", "1"]) == 0
+    assert seen == {"out": tmp_path / "s", "downloads": tmp_path, "train": 7, "workers": 1, "fetch": False}
+    assert "espeak: fake" in capsys.readouterr().out
+
+
+def test_bad_audio_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    import experiments.data_prep_speech as prep
+    from speech.audio_io import AudioError
+
+    def broken(*a, **k):
+        raise AudioError(tmp_path / "x.wav", "corrupt", "bad header")
+    monkeypatch.setattr(prep, "prepare_speech", broken)
+    assert main(["data", "prepare", "speech", "--no-fetch"]) == 2
+    assert "x.wav" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""`herd data prepare speech`: the Asterisk prompts and the quickstart espeak set under data/speech (idempotent).
+
+    summary = prepare_speech(Path("data/speech"), Path("data/downloads"))
+
+Writes
+  <out>/asterisk/asterisk_{en,es,es_en,en_digits,es_digits,en_numbers,es_numbers}.jsonl + info.json
+      (the Debian packages are fetched into <downloads> with `apt-get download` when missing and unpacked
+      to <downloads>/asterisk; when they cannot be had, this part is reported and skipped)
+  <out>/espeak/{train,valid,test_heldout}.jsonl + audio/<set>/*.flac + voices.json + info.json
+      digit strings and short commands; train and valid on the training voices, test_heldout on voices
+      whose espeak variant never occurs in training (`speech.synthetic.split_voices`)
+Each part leaves a `.done` file holding its settings; a second run with the same settings does nothing,
+with other settings that part is rebuilt from scratch.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from speech.asterisk import AsteriskError, find_packages, prepare_asterisk
+from speech.synthetic import digit_and_command_items, english_voices, split_voices, write_dataset
+
+
+@dataclass
+class EspeakSetConfig:
+    """Sizes of the quickstart set (defaults: about a minute with 2 workers on 2 shared cores)."""
+    train_size: int = 4000
+    valid_size: int = 200
+    test_size: int = 400
+    heldout_fraction: float = 0.2   # of the espeak variants; their every accent is test-only
+    digit_fraction: float = 0.5     # digit strings vs commands
+    seed: int = 0
+
+
+def _done(folder: Path, settings: dict) -> bool:
+    marker = folder / ".done"
+    try:
+        return json.loads(marker.read_text()) == settings
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _mark(folder: Path, settings: dict) -> None:
+    (folder / ".done").write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+
+
+def prepare_espeak_set(out_dir: Path, config: EspeakSetConfig | None = None, workers: int = 2,
+                       say: Callable[[str], None] = print) -> str:
+    """Synthesise the quickstart set into out_dir (skipped when out_dir/.done matches); one-line summary."""
+    cfg = config or EspeakSetConfig()
+    voices = english_voices()
+    train_voices, test_voices = split_voices(voices, cfg.heldout_fraction, cfg.seed)
+    settings = {"config": asdict(cfg), "voices": voices, "version": 1}
+    if _done(out_dir, settings):
+        info = json.loads((out_dir / "info.json").read_text())
+        return f"espeak: already prepared ({_espeak_counts(info)})"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    (out_dir / "voices.json").write_text(json.dumps({"train": train_voices, "test_heldout": test_voices}, indent=1))
+    sets = {"train": digit_and_command_items(cfg.train_size, train_voices, cfg.seed, cfg.digit_fraction, "train"),
+            "valid": digit_and_command_items(cfg.valid_size, train_voices, cfg.seed + 1, cfg.digit_fraction, "valid"),
+            "test_heldout": digit_and_command_items(cfg.test_size, test_voices, cfg.seed + 2, cfg.digit_fraction,
+                                                    "test")}
+    t0, info = time.perf_counter(), {"sets": {}, "train_voices": len(train_voices), "heldout_voices": len(test_voices)}
+    for name, items in sets.items():
+        say(f"espeak: synthesising {name} ({len(items)} utterances, {workers} worker(s))")
+        manifest = write_dataset(items, out_dir, name, workers=workers, progress=say,
+                                 progress_every=max(100, len(items) // 5))
+        seconds = sum(json.loads(line)["duration"] for line in manifest.read_text().splitlines())
+        info["sets"][name] = {"utterances": len(items), "hours": round(seconds / 3600, 3), "manifest": manifest.name}
+    elapsed = time.perf_counter() - t0
+    total = sum(len(items) for items in sets.values())
+    info.update(seconds=round(elapsed, 1), utterances_per_second=round(total / elapsed, 1), workers=workers)
+    (out_dir / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+    _mark(out_dir, settings)
+    return f"espeak: {_espeak_counts(info)} in {elapsed:.0f} s ({total / elapsed:.0f} utterances/s)"
+
+
+def _espeak_counts(info: dict) -> str:
+    sets = ", ".join(f"{k} {v['utterances']}" for k, v in info["sets"].items())
+    return f"{sets} utterances; {info['train_voices']} training voices, {info['heldout_voices']} held-out voices"
+
+
+def prepare_asterisk_set(out_dir: Path, downloads_dir: Path, fetch: bool = True,
+                         say: Callable[[str], None] = print) -> str:
+    """The Asterisk manifests into out_dir (skipped when built from the same packages); one-line summary.
+    Missing packages that cannot be fetched give a summary saying so, not an error."""
+    settings = {"packages": sorted(p.name for p in find_packages(downloads_dir).values()), "version": 1}
+    if len(settings["packages"]) == 4 and _done(out_dir, settings):
+        return f"asterisk: already prepared ({json.loads((out_dir / 'info.json').read_text())['summary']})"
+    say("asterisk: fetching and unpacking the Debian packages" if fetch else "asterisk: unpacking")
+    try:
+        summary = prepare_asterisk(downloads_dir, out_dir, fetch=fetch)
+    except AsteriskError as e:
+        return f"asterisk: skipped ({e})"
+    text = str(summary).removeprefix("asterisk: ")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "info.json").write_text(json.dumps({"summary": text, **asdict(summary)}, indent=1) + "\n")
+    _mark(out_dir, {"packages": sorted(p.name for p in find_packages(downloads_dir).values()), "version": 1})
+    return f"asterisk: {text}"
+
+
+def prepare_speech(out_dir: Path = Path("data/speech"), downloads_dir: Path = Path("data/downloads"),
+                   espeak: EspeakSetConfig | None = None, workers: int = 2, asterisk: bool = True,
+                   fetch: bool = True, say: Callable[[str], None] | None = None) -> str:
+    """Both parts; returns their one-line summaries joined with "; ". Progress lines go to `say`
+    (default: stderr)."""
+    say = say or (lambda msg: print(f"herd: {msg}", file=sys.stderr, flush=True))
+    out_dir, downloads_dir = Path(out_dir), Path(downloads_dir)
+    parts = []
+    if asterisk:
+        parts.append(prepare_asterisk_set(out_dir / "asterisk", downloads_dir, fetch, say))
+    parts.append(prepare_espeak_set(out_dir / "espeak", espeak, workers, say))
+    return "; ".join(parts)

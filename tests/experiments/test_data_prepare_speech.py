@@ -1,0 +1,64 @@
+"""experiments/data_prep_speech.py: a tiny espeak set (idempotent), Asterisk when its packages are here."""
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments.data_prep_speech import EspeakSetConfig, prepare_speech
+from speech.asterisk import PACKAGES, find_packages
+from speech.manifests import DataWarning, load_jsonl_manifest
+
+DOWNLOADS = Path(__file__).resolve().parents[2] / "data" / "downloads"
+TINY = EspeakSetConfig(train_size=12, valid_size=3, test_size=5, seed=1)
+
+
+def test_espeak_quickstart_set_is_built_once(tmp_path):
+    said = []
+    summary = prepare_speech(tmp_path / "speech", tmp_path / "downloads", espeak=TINY, workers=1, asterisk=False,
+                             say=said.append)
+    assert summary.startswith("espeak: train 12, valid 3, test_heldout 5 utterances")
+    assert any("synthesising train (12 utterances" in s for s in said)
+    folder = tmp_path / "speech" / "espeak"
+    voices = json.loads((folder / "voices.json").read_text())
+    train, _ = load_jsonl_manifest(folder / "train.jsonl")
+    test, _ = load_jsonl_manifest(folder / "test_heldout.jsonl")
+    assert len(train) == 12 and len(test) == 5
+    held_variants = {v.partition("+")[2] for v in voices["test_heldout"]}
+    assert all(u.speaker in voices["train"] for u in train) and all(u.speaker in voices["test_heldout"] for u in test)
+    assert not {u.speaker.partition("+")[2] for u in train} & held_variants
+    stamp = (folder / "train.jsonl").stat().st_mtime_ns
+    again = prepare_speech(tmp_path / "speech", tmp_path / "downloads", espeak=TINY, workers=1, asterisk=False,
+                           say=said.append)
+    assert again.startswith("espeak: already prepared (train 12") and (folder / "train.jsonl").stat().st_mtime_ns == stamp
+    bigger = EspeakSetConfig(train_size=14, valid_size=3, test_size=5, seed=1)
+    rebuilt = prepare_speech(tmp_path / "speech", tmp_path / "downloads", espeak=bigger, workers=1, asterisk=False,
+                             say=said.append)
+    assert rebuilt.startswith("espeak: train 14") and len((folder / "train.jsonl").read_text().splitlines()) == 14
+    assert len(list((folder / "audio" / "train").glob("*.flac"))) == 14
+
+
+def test_missing_asterisk_packages_are_reported_not_fatal(tmp_path):
+    summary = prepare_speech(tmp_path / "speech", tmp_path / "downloads", espeak=TINY, workers=1, fetch=False,
+                             say=lambda s: None)
+    assert summary.startswith("asterisk: skipped (") and "apt-get download asterisk-core-sounds-en" in summary
+    assert "espeak: train 12" in summary
+
+
+def test_asterisk_from_packages_already_downloaded(tmp_path):
+    found = find_packages(DOWNLOADS)
+    if len(found) < len(PACKAGES):
+        pytest.skip("the Asterisk packages are not in data/downloads")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    for deb in found.values():
+        (downloads / deb.name).symlink_to(deb)
+    with pytest.warns(DataWarning, match="duplicate_key"):
+        first = prepare_speech(tmp_path / "speech", downloads, espeak=TINY, workers=1, fetch=False, say=lambda s: None)
+    assert "asterisk_en 550, asterisk_es 473, asterisk_es_en 445, asterisk_en_digits 11" in first
+    again = prepare_speech(tmp_path / "speech", downloads, espeak=TINY, workers=1, fetch=False, say=lambda s: None)
+    assert again.startswith("asterisk: already prepared (asterisk_en 550")
+    digits, _ = load_jsonl_manifest(tmp_path / "speech" / "asterisk" / "asterisk_en_digits.jsonl")
+    assert {u.text for u in digits} == {"zero", "oh", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                                        "nine"}
+    pairs, _ = load_jsonl_manifest(tmp_path / "speech" / "asterisk" / "asterisk_es_en.jsonl")
+    assert all(u.language == "es" and u.translation_language == "en" and u.translation for u in pairs)
