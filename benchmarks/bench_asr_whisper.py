@@ -6,7 +6,7 @@ given, our speech model (a run folder of the speech_adapter recipe) on the same 
     make speech-data                                   # data/speech/asterisk/*.jsonl (real speech, 8 kHz)
     python benchmarks/bench_asr_whisper.py --manifest data/speech/asterisk/asterisk_en.jsonl
     python benchmarks/bench_asr_whisper.py --manifest data/speech/asterisk/asterisk_en_digits.jsonl \
-        --ours runs/speech_quickstart/latest
+        --ours runs/quickstart_speech/latest
 
 Reports WER / CER per system and the real-time factor (processing seconds per audio second; greedy
 decoding, batch --batch, CPU threads --threads). Per-utterance hypotheses go to --out when given.
@@ -54,16 +54,21 @@ def whisper_transcribe(waveforms: list[torch.Tensor], batch: int, threads: int) 
     return texts, time.perf_counter() - start
 
 
-def ours_transcribe(run_dir: Path, waveforms: list[torch.Tensor], batch: int) -> tuple[list[str], float]:
-    """Greedy transcripts from our speech_adapter run (loaded through the recipe's own loader)."""
+def ours_transcribe(run_dir: Path, utterances: list, batch: int) -> tuple[list[str], float]:
+    """Greedy transcripts (in the order of `utterances`) from our speech_adapter run, through the recipe's own
+    loader and batched decoding; an utterance it cannot load gets an empty hypothesis."""
     from experiments.recipes.speech_eval import load_speech_model, transcribe
-    model = load_speech_model(run_dir)
+    from speech.speech_dataset import SpeechDataset
+    loaded = load_speech_model(run_dir)
+    dataset = SpeechDataset(list(utterances), AudioConfig(silence_policy="keep"))
     start = time.perf_counter()
-    texts = transcribe(model, waveforms, batch_size=batch)
-    return texts, time.perf_counter() - start
+    rows = transcribe(loaded, dataset, batch_size=batch, language="en")
+    seconds = time.perf_counter() - start
+    by_id = {r["id"]: r["hypothesis"] for r in rows}
+    return [by_id.get(u.id, "") for u in utterances], seconds
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--manifest", default="data/speech/asterisk/asterisk_en.jsonl")
     p.add_argument("--limit", type=int, default=None, help="first N utterances only")
@@ -71,7 +76,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ours", type=Path, default=None, help="a speech_adapter run folder to score on the same audio")
     p.add_argument("--out", type=Path, default=None, help="folder for per-utterance hypotheses and summaries")
-    args = p.parse_args()
+    p.add_argument("--no-whisper", action="store_true", help="score --ours only (no peers extra installed)")
+    args = p.parse_args(argv)
+    if args.no_whisper and args.ours is None:
+        p.error("--no-whisper needs --ours")
     torch.set_num_threads(args.threads)
 
     utterances, report = load_manifest(args.manifest)
@@ -81,9 +89,10 @@ def main() -> None:
     ids, refs = [u.id for u in utterances], [u.text for u in utterances]
     print(f"{args.manifest}: {len(utterances)} utterances, {audio_seconds / 60:.1f} min of audio", flush=True)
 
-    systems = {"whisper-tiny.en (ctranslate2)": whisper_transcribe(waveforms, args.batch, args.threads)}
+    systems = {} if args.no_whisper else {
+        "whisper-tiny.en (ctranslate2)": whisper_transcribe(waveforms, args.batch, args.threads)}
     if args.ours is not None:
-        systems[f"herd ({args.ours})"] = ours_transcribe(args.ours, waveforms, args.batch)
+        systems[f"herd ({args.ours})"] = ours_transcribe(args.ours, utterances, args.batch)
 
     print(f"\n{'system':<40} {'WER':>7} {'CER':>7} {'RTF':>7}   ({platform.node()}, {args.threads} threads)")
     for name, (hyps, seconds) in systems.items():

@@ -3,6 +3,7 @@
   herd run EXPERIMENT.yaml [dotted.key=value ...] [--print-config]
   herd data prepare [text|speech]
   herd eval niah --model PATH_OR_RUN [--lengths ...]
+  herd eval speech --model SPEECH_RUN --manifest M [M ...] [--out DIR]
   herd average CKPT CKPT ... [--weights W ...] --out DIR
   herd chat --model PATH [--prompt TEXT]
 
@@ -80,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     niah.add_argument("--per-cell", type=int, default=8)
     niah.add_argument("--out", default=None, help="folder for niah.json and the heatmap (default: the run folder)")
     niah.set_defaults(func=_cmd_eval_niah)
+    speech = ev_sub.add_parser("speech", help="WER/CER (ASR) or BLEU/chrF (AST) of a speech model: per-utterance "
+                                               "hypotheses + a summary per manifest")
+    speech.add_argument("--model", required=True, help="a speech_adapter run folder or its final/")
+    speech.add_argument("--manifest", required=True, nargs="+", help="JSONL, LibriSpeech folder, FLEURS/CoVoST TSV")
+    speech.add_argument("--out", default=None, help="output folder (default: <model folder>/eval)")
+    speech.add_argument("--task", default=None, choices=["asr", "ast"], help="default: the model's task")
+    speech.add_argument("--language", default=None, help="language named in the prompt (default: per utterance)")
+    speech.add_argument("--batch-size", type=int, default=16)
+    speech.add_argument("--max-new-tokens", type=int, default=64)
+    speech.add_argument("--max-utterances", type=int, default=None)
+    speech.add_argument("--normalizer", default="whisper", choices=["whisper", "basic", "none"])
+    speech.add_argument("--device", default="auto")
+    speech.set_defaults(func=_cmd_eval_speech)
 
     avg = sub.add_parser("average", help="average compatible checkpoints (uniform or weighted)")
     avg.add_argument("checkpoints", nargs="+", help="checkpoint folders (step_N/, an HF folder) or .safetensors files")
@@ -145,6 +159,11 @@ def _cmd_data_prepare(args, _) -> int:
 def _cmd_eval_niah(args, _) -> int:
     from .recipes.text_pretrain import eval_niah_cli
     return eval_niah_cli(args)
+
+
+def _cmd_eval_speech(args, _) -> int:
+    from .recipes.speech_eval import eval_speech_cli
+    return eval_speech_cli(args)
 
 
 def _cmd_average(args, _) -> int:

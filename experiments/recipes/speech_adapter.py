@@ -1,0 +1,405 @@
+"""Speech adapter training (paper Sec 8): ASR or AST with a frozen language model.
+
+The LM (an HF folder, a GGUF file, one of our runs' final/, or a random-init preset) stays frozen; the
+Conformer encoder (fresh or from a BEST-RQ run) and the adapter train jointly on next-token cross-entropy
+over the transcript / translation tokens only (the system instruction, the audio span and the chat headers
+carry no loss). Held-out sets are decoded greedily in batches with the LM's KV cache every `eval_every`
+steps (a subset) and at the end (all of them): WER/CER for ASR, BLEU/chrF for AST, per-utterance hypotheses
+under run_dir/eval/. The final model folder (run_dir/final/) is what `speech_eval` / `herd eval speech` load.
+
+Batches: step s takes samples s*B .. (s+1)*B-1 of a sequence of seeded per-epoch permutations, so the data
+position is the step: resuming continues exactly (SpecAugment draws from the RNG the checkpoint restores).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from adapters.speech_adapter import preset as adapter_preset
+from adapters.speech_inputs import audio_placeholder_count
+from adapters.speech_language import SpeechLanguageModel, SpeechPrompter, collate_examples
+from language import preset as llama_preset
+from language.chat_format import chat_format_for
+from speech.audio_io import AudioConfig
+from speech.conformer import ConformerConfig
+from speech.features import FeatureConfig
+from speech.speech_dataset import SpeechDataset, collate_speech
+from speech.speech_metrics import asr_scores, write_results
+from training.config import EngineConfig, OptimConfig, ScheduleConfig
+from training.distributed import is_rank0
+from training.engine import Engine
+from training.metrics import MetricsLogger, plot_curves
+from training.progress import Progress
+
+from ..common import RunConfig
+from ..config import ConfigError, ExistingPath
+from . import speech_eval
+from .bestrq_pretrain import EncoderSection, load_encoder_init
+
+
+@dataclass
+class LanguageModelSection:
+    path: Optional[ExistingPath] = field(default=None, metadata={"help": "HF folder, GGUF file or a run's final/"})
+    preset: Optional[str] = field(default=None, metadata={"help": "random-init frozen LM of this preset instead"})
+    tokenizer: Optional[ExistingPath] = field(default=None, metadata={"help": "default: the LM path"})
+    seed: int = field(default=0, metadata={"help": "init seed of a preset LM"})
+    init_std: Optional[float] = field(default=None, metadata={
+        "range": (0.0, 10.0), "help": "std of a preset LM's random weights (default: Llama's 0.02)"})
+    overrides: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "preset field overrides of a random LM (n_layers, dim, rope_theta, ...)"})
+
+    def __post_init__(self):
+        if (self.path is None) == (self.preset is None):
+            raise ValueError("language_model: give exactly one of 'path' and 'preset'")
+        if self.preset is not None and self.tokenizer is None:
+            raise ValueError("language_model.preset needs language_model.tokenizer")
+        if self.path is not None and (self.overrides or self.init_std is not None):
+            raise ValueError("language_model.overrides / init_std apply to a random preset LM, not to a checkpoint")
+        if self.preset is not None:
+            try:
+                llama_preset(self.preset, vocab_size=8, **self.overrides)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"language_model: {e}") from None
+
+
+@dataclass
+class AdapterSection:
+    preset: str = field(default="tiny", metadata={"help": "adapters/speech_adapter.py preset"})
+    dim: Optional[int] = field(default=None, metadata={"range": (2, None)})
+    n_heads: Optional[int] = field(default=None, metadata={"range": (1, None)})
+    ffn_dim: Optional[int] = field(default=None, metadata={"range": (1, None)})
+    dropout: Optional[float] = field(default=None, metadata={"range": (0.0, 1.0)})
+
+
+@dataclass
+class SpecAugmentSection:
+    freq_masks: int = field(default=0, metadata={"range": (0, None), "help": "mel-band masks per utterance"})
+    freq_width: int = field(default=10, metadata={"range": (0, None), "help": "widest band (mel channels)"})
+    time_masks: int = field(default=0, metadata={"range": (0, None), "help": "time masks per utterance"})
+    time_width: int = field(default=20, metadata={"range": (0, None), "help": "longest time mask (10 ms frames)"})
+
+
+@dataclass
+class CTCSection:
+    weight: float = field(default=0.0, metadata={
+        "range": (0.0, 100.0), "help": "auxiliary CTC loss on the encoder output (not in the paper: a convergence "
+                                      "aid for small runs; the head is dropped from the final model); 0 = off"})
+
+
+@dataclass
+class EvalSetSection:
+    manifest: str = field(default="", metadata={"help": "manifest path (may be made by data.prepare)"})
+    name: str = field(default="", metadata={"help": "default: the manifest's stem"})
+    periodic: bool = field(default=True, metadata={"help": "also decode (eval_utterances of) it every eval_every steps"})
+    language: Optional[str] = field(default=None, metadata={"help": "language named in the prompt (default: per utterance)"})
+    optional: bool = field(default=False, metadata={"help": "skip (with a note in the summary) when the manifest is missing"})
+
+
+@dataclass
+class DataSection:
+    train: str = field(default="data/speech/espeak/train.jsonl", metadata={"help": "training manifest"})
+    eval: list[EvalSetSection] = field(default_factory=list)
+    prepare: bool = field(default=False, metadata={"help": "make missing data with `herd data prepare speech` first"})
+    speech_dir: str = field(default="data/speech")
+    downloads_dir: str = field(default="data/downloads")
+    max_seconds: float = field(default=30.0, metadata={"range": (0.2, None), "help": "longer files are skipped"})
+    workers: int = field(default=0, metadata={"range": (0, None), "help": "DataLoader worker processes"})
+
+
+@dataclass
+class Config(RunConfig):
+    recipe: str = "speech_adapter"
+    task: Literal["asr", "ast"] = "asr"
+    language_model: Optional[LanguageModelSection] = field(default=None, metadata={"help": "the frozen LM"})
+    encoder: EncoderSection = field(default_factory=EncoderSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    spec_augment: SpecAugmentSection = field(default_factory=SpecAugmentSection)
+    ctc: CTCSection = field(default_factory=CTCSection)
+    data: DataSection = field(default_factory=DataSection)
+    train_encoder: bool = field(default=True, metadata={"help": "false: only the adapter trains"})
+    steps: int = field(default=1000, metadata={"range": (1, None)})
+    batch_size: int = field(default=16, metadata={"range": (1, None), "help": "utterances per optimizer step"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval_every: int = field(default=200, metadata={"range": (1, None)})
+    eval_utterances: int = field(default=64, metadata={"range": (1, None), "help": "per set in periodic evals"})
+    decode_batch_size: int = field(default=32, metadata={"range": (1, None)})
+    max_new_tokens: int = field(default=64, metadata={"range": (1, None)})
+    normalizer: Literal["whisper", "basic", "none"] = "whisper"
+    checkpoint_every: int = field(default=200, metadata={"range": (1, None)})
+    stop_after_steps: Optional[int] = field(default=None, metadata={"range": (1, None)})
+
+    def __post_init__(self):
+        if self.language_model is None:
+            raise ValueError("key 'language_model' is required (path: a checkpoint, or preset + tokenizer)")
+        if not self.data.prepare and not Path(self.data.train).is_file():
+            raise ValueError(f"key 'data.train': '{self.data.train}' does not exist (data.prepare=true makes the "
+                             "quickstart set)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+class StepBatches(Dataset):
+    """Item s = the collated batch of step s (see the module docstring); DataLoader workers load whole steps."""
+
+    def __init__(self, dataset: SpeechDataset, prompter: SpeechPrompter, cfg: Config, encoder: ConformerConfig,
+                 adapter_kernel: int, adapter_stride: int):
+        self.dataset, self.prompter, self.cfg = dataset, prompter, cfg
+        self.feature_config = cfg.features
+        self.counts = dict(stack=encoder.stack, adapter_kernel=adapter_kernel, adapter_stride=adapter_stride)
+        self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return self.cfg.steps
+
+    def indices(self, step: int) -> list[int]:
+        n, size = len(self.dataset), self.cfg.batch_size
+        out = []
+        for position in range(step * size, (step + 1) * size):
+            epoch, offset = divmod(position, n)
+            if epoch not in self._orders:
+                gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+                self._orders = {epoch: torch.randperm(n, generator=gen).tolist()}
+            out.append(self._orders[epoch][offset])
+        return out
+
+    def __getitem__(self, step: int) -> dict:
+        items = [self.dataset[i] for i in self.indices(step)]  # on_bad="replace": never None
+        batch = collate_speech(items)
+        examples = []
+        for item, n_samples in zip(items, batch["lengths"].tolist()):
+            frames = self.feature_config.num_frames(n_samples)
+            n = audio_placeholder_count(frames, **self.counts)
+            task = self.prompter.task
+            examples.append(self.prompter.example(n, speech_eval.reference(task, item),
+                                                  speech_eval.prompt_language(task, item, None)))
+        tokens, labels, _ = collate_examples(examples)
+        out = {"tokens": tokens, "labels": labels, "waveforms": batch["waveforms"], "lengths": batch["lengths"]}
+        if self.cfg.ctc.weight > 0:
+            tokenizer = self.prompter.format.tokenizer
+            targets = [tokenizer.encode(speech_eval.reference(self.prompter.task, item)) for item in items]
+            out["ctc_lengths"] = torch.tensor([len(t) for t in targets])
+            out["ctc_targets"] = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in targets], batch_first=True)
+        return out
+
+
+class SpeechTrainer(nn.Module):
+    """What the engine trains: the speech model, and with ctc.weight > 0 an auxiliary CTC head (encoder width ->
+    LM vocabulary + blank) whose loss sum, times the weight, is added to the LM loss sum."""
+
+    def __init__(self, speech: SpeechLanguageModel, vocab_size: int, ctc_weight: float = 0.0):
+        super().__init__()
+        self.speech, self.ctc_weight, self.blank = speech, ctc_weight, vocab_size
+        self.ctc_head = nn.Linear(speech.encoder.config.dim, vocab_size + 1) if ctc_weight > 0 else None
+
+    def forward(self, tokens, features, lengths, labels, ctc_targets=None, ctc_lengths=None):
+        hidden, hidden_lengths = self.speech.encoder(features.to(self.speech.encoder.stacker.proj.weight.dtype), lengths)
+        speech, speech_lengths = self.speech.adapter(hidden, hidden_lengths)
+        loss, n = self.speech.loss_sum(tokens, labels, speech=speech, speech_lengths=speech_lengths)
+        if self.ctc_head is not None:
+            log_probs = self.ctc_head(hidden).float().log_softmax(-1).transpose(0, 1)  # (T, B, vocab + 1)
+            ctc = F.ctc_loss(log_probs, ctc_targets, hidden_lengths, ctc_lengths, blank=self.blank, reduction="sum",
+                             zero_infinity=True)
+            loss = loss + self.ctc_weight * ctc
+        return loss, n
+
+
+def spec_augment(features: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugmentSection) -> torch.Tensor:
+    """SpecAugment (Park et al. 2019) without time warping: zero random mel bands and time spans of each
+    utterance (features (B, T, C) normalised, so zero is the mean). Draws from the global torch RNG."""
+    b, t, c = features.shape
+    keep = torch.ones(b, t, c, dtype=torch.bool, device=features.device)
+    for _ in range(cfg.freq_masks):
+        width = torch.randint(0, cfg.freq_width + 1, (b,))
+        start = (torch.rand(b) * (c - width + 1).float()).long()
+        bins = torch.arange(c)
+        band = (bins[None] >= start[:, None]) & (bins[None] < (start + width)[:, None])
+        keep &= ~band[:, None, :].to(features.device)
+    for _ in range(cfg.time_masks):
+        width = torch.minimum(torch.randint(0, cfg.time_width + 1, (b,)), lengths.cpu() // 5)
+        start = (torch.rand(b) * (lengths.cpu() - width + 1).clamp(min=1).float()).long()
+        frames = torch.arange(t)
+        span = (frames[None] >= start[:, None]) & (frames[None] < (start + width)[:, None])
+        keep &= ~span[:, :, None].to(features.device)
+    return features * keep
+
+
+def _prepare_data(cfg: Config) -> None:
+    from ..data_prep_speech import prepare_speech
+    print("herd: " + prepare_speech(Path(cfg.data.speech_dir), Path(cfg.data.downloads_dir)), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+
+
+def build(cfg: Config, device: str = "cpu"):
+    """(model, tokenizer, prompter, meta, init note) for a config; the LM is frozen."""
+    lm_meta = {"path": str(Path(cfg.language_model.path).resolve()) if cfg.language_model.path else None,
+               "preset": cfg.language_model.preset, "seed": cfg.language_model.seed,
+               "init_std": cfg.language_model.init_std,
+               "overrides": dict(cfg.language_model.overrides),
+               "tokenizer": str(Path(cfg.language_model.tokenizer).resolve()) if cfg.language_model.tokenizer else None}
+    lm, tokenizer = speech_eval.load_language_model(lm_meta)
+    encoder_config, encoder_weights, stats = load_encoder_init(cfg.encoder)
+    if cfg.features.normalization == "global" and stats is None:
+        raise ConfigError("features.normalization=global needs the statistics of a BEST-RQ encoder.init_from "
+                          "(pre-train with normalization global)")
+    try:
+        adapter_config = adapter_preset(cfg.adapter.preset, encoder_dim=encoder_config.dim, lm_dim=lm.config.dim,
+                                        **{k: v for k, v in asdict(cfg.adapter).items() if k != "preset" and v is not None})
+    except ValueError as e:
+        raise ConfigError(f"adapter: {e}") from None
+    meta = {"format": "herd-speech/1", "task": cfg.task, "encoder": encoder_config.to_dict(),
+            "adapter": adapter_config.to_dict(), "features": asdict(cfg.features), "language_model": lm_meta}
+    torch.manual_seed(cfg.seed)
+    model = speech_eval.build_speech_model(meta, lm, stats)
+    if encoder_weights is not None:
+        model.encoder.load_state_dict(encoder_weights)
+    model.freeze_for_stage("adapter_pretrain" if cfg.train_encoder else "adapters_only")
+    prompter = SpeechPrompter(chat_format_for(tokenizer), model.audio_tokens, cfg.task)
+    return model, tokenizer, prompter, meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run
+
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    t_start = time.time()
+    if cfg.data.prepare and is_rank0():
+        _prepare_data(cfg)
+    model, tokenizer, prompter, meta = build(cfg)
+    audio = AudioConfig(max_seconds=cfg.data.max_seconds)
+    train_set = SpeechDataset(cfg.data.train, audio, on_bad="replace")
+    eval_sets, notes = {}, {}
+    for s in cfg.data.eval:
+        name = s.name or Path(s.manifest).stem
+        if not Path(s.manifest).exists():
+            if s.optional:
+                notes[name] = f"not evaluated: {s.manifest} is missing"
+                continue
+            raise ConfigError(f"data.eval: manifest '{s.manifest}' does not exist")
+        eval_sets[name] = (s, SpeechDataset(s.manifest, audio))
+    steps = StepBatches(train_set, prompter, cfg, model.encoder.config, model.adapter.config.conv_kernel,
+                        model.adapter.config.conv_stride)
+    frontend = copy.deepcopy(model.frontend)  # float32 whatever the backend does to the model's buffers
+    trainer = SpeechTrainer(model, tokenizer.vocab_size, cfg.ctc.weight)
+    try:
+        engine = Engine(trainer, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    model.frontend = frontend = frontend.to(engine.device)  # (DeepSpeed bf16 casts every buffer of its module)
+    state = engine.resume() or {"step": 0, "evals": {}}
+    if state["step"]:
+        print(f"herd: resumed at step {state['step']} of {cfg.steps}", flush=True)
+    loader = DataLoader(steps, batch_size=None, sampler=range(state["step"], cfg.steps), num_workers=cfg.data.workers,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    logger = MetricsLogger(run_dir)
+    loaded = speech_eval.LoadedSpeechModel(model, tokenizer, prompter, meta)
+
+    def loss_fn(m, batch):
+        with torch.no_grad():
+            features, lengths = frontend(batch["waveforms"], batch["lengths"])
+            if m.training:
+                features = spec_augment(features, lengths, cfg.spec_augment)
+        return m(batch["tokens"], features, lengths, batch["labels"], batch.get("ctc_targets"), batch.get("ctc_lengths"))
+
+    def evaluate(names, limit):
+        out = {}
+        for name in names:
+            s, ds = eval_sets[name]
+            rows = speech_eval.transcribe(loaded, ds, batch_size=cfg.decode_batch_size, max_new_tokens=cfg.max_new_tokens,
+                                          language=s.language, limit=limit)
+            out[name] = speech_eval.score(cfg.task, rows, cfg.normalizer)
+        return out
+
+    metric_names = ("wer", "cer") if cfg.task == "asr" else ("bleu", "chrf")
+    progress = Progress(cfg.steps, initial=state["step"], print_every=25, desc=cfg.experiment)
+    trainer.train()
+    for batch in loader:
+        micro = [{k: v[i::cfg.engine.grad_accum_steps] for k, v in batch.items()}
+                 for i in range(cfg.engine.grad_accum_steps)]
+        result = engine.train_step(micro, loss_fn)
+        state["step"] += 1
+        step = state["step"]
+        progress.update(step, result.loss, result.tokens)
+        record = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "tokens": result.tokens,
+                  "skipped": result.skipped}
+        if step % cfg.eval_every == 0 and step < cfg.steps:
+            periodic = [n for n, (s, _) in eval_sets.items() if s.periodic]
+            for name, (_, summary) in evaluate(periodic, cfg.eval_utterances).items():
+                for k in metric_names:
+                    record[f"eval_{name}_{k}"] = summary[k]
+                state["evals"][name] = {k: summary[k] for k in metric_names}
+            trainer.train()
+        logger.log(step, record)
+        stop = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step < cfg.steps
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
+            engine.save_checkpoint(state)
+        if stop:
+            progress.close()
+            engine.close()
+            return {"stopped_at_step": step, "planned_steps": cfg.steps, "last_loss": result.loss}
+    progress.close()
+    train_seconds = time.time() - t_start
+    summary = _finish(cfg, engine, trainer, tokenizer, meta, evaluate, eval_sets, notes, train_set, run_dir, metric_names)
+    summary["train_wall_time_s"] = round(train_seconds, 1)
+    summary["wall_time_s"] = round(time.time() - t_start, 1)
+    engine.close()
+    return summary
+
+
+def _finish(cfg, engine, trainer, tokenizer, meta, evaluate, eval_sets, notes, train_set, run_dir, metric_names) -> dict:
+    model = trainer.speech
+    summary = {"steps": cfg.steps, "task": cfg.task, "train_utterances": len(train_set),
+               "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "frozen_lm_parameters": sum(p.numel() for p in model.language_model.parameters()),
+               "skipped_steps": engine.skipped_total}
+    weights = engine.trainable_state_dict()
+    if not is_rank0():
+        return summary
+    trainer.load_state_dict(weights, strict=False)  # the engine's (possibly sharded) weights, gathered
+    t0 = time.time()
+    results = evaluate(list(eval_sets), None)
+    eval_seconds = time.time() - t0
+    baseline = _most_frequent_reference(cfg.task, train_set)
+    for name, (rows, result) in results.items():
+        write = dict(result)
+        if cfg.task == "asr":
+            write["baseline_most_frequent"] = {"hypothesis": baseline, **_asr_baseline(rows, baseline, result, cfg)}
+        write_results(run_dir / "eval", rows, write, name)
+        summary[name] = {k: result[k] for k in ("n",) + metric_names + ("wer_basic",) if k in result}
+        if cfg.task == "asr":
+            summary[name]["baseline_wer"] = write["baseline_most_frequent"]["wer"]
+    summary.update(notes)
+    summary["final_eval_seconds"] = round(eval_seconds, 1)
+    speech_eval.save_speech_model(model, tokenizer, run_dir / "final", meta, save_lm=cfg.language_model.preset is not None)
+    (run_dir / "final" / "herd_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    return summary
+
+
+def _most_frequent_reference(task: str, dataset: SpeechDataset) -> str:
+    refs = Counter((u.text if task == "asr" else (u.translation or "")) for u in dataset.utterances)
+    return refs.most_common(1)[0][0]
+
+
+def _asr_baseline(rows, baseline: str, result: dict, cfg: Config) -> dict:
+    refs = [r["reference"] for r in rows]
+    scores = asr_scores(refs, [baseline] * len(refs), language="en", normalizer=cfg.normalizer)
+    return {"wer": scores["wer"], "cer": scores["cer"]}

@@ -1,0 +1,179 @@
+"""The speech composition: audio spans in chat prompts, embeddings written at the right places, only the
+encoder and adapter train (the LM stays bit-identical), the fast loss equals the full-logits loss, and
+batched greedy decoding with the KV cache equals step-by-step argmax without a cache."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapters.speech_adapter import SpeechAdapter
+from adapters.speech_adapter import preset as adapter_preset
+from adapters.speech_inputs import SpeechInputError
+from adapters.speech_language import IGNORE_INDEX, SpeechLanguageModel, SpeechPrompter, collate_examples
+from language import Llama
+from language import preset as llama_preset
+from language.chat_format import chat_format_for
+from language.tokenizer import train_bpe
+from speech.conformer import ConformerEncoder
+from speech.conformer import preset as conformer_preset
+
+TEXT = "four seven one two turn on the kitchen light open the door set a timer for ten minutes " * 40
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    (folder / "text.txt").write_text(TEXT)
+    return train_bpe([folder / "text.txt"], 300, folder)
+
+
+def _model(tokenizer, seed=0, lm=None):
+    torch.manual_seed(seed)
+    if lm is None:
+        lm = Llama(llama_preset("tiny", vocab_size=tokenizer.vocab_size, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64))
+    encoder = ConformerEncoder(conformer_preset("tiny", dim=32, n_heads=2, ffn_dim=64, n_layers=1))
+    adapter = SpeechAdapter(adapter_preset("tiny", encoder_dim=32, dim=32, n_heads=2, ffn_dim=64, lm_dim=32))
+    return SpeechLanguageModel(lm, encoder, adapter)
+
+
+def _batch(model, prompter, frames=(37, 20, 9), targets=("four seven", "open the door", "ten")):
+    features = torch.randn(len(frames), max(frames), 80)
+    lengths = torch.tensor(frames)
+    examples = [prompter.example(model.placeholder_count(f), t) for f, t in zip(frames, targets)]
+    tokens, labels, mask = collate_examples(examples)
+    return tokens, labels, mask, features, lengths
+
+
+def test_prompt_layout_labels_and_placeholder_count(tokenizer):
+    model = _model(tokenizer)
+    ids = model.audio_tokens
+    assert (ids.start_id, ids.placeholder_id, ids.end_id) == tuple(tokenizer.vocab_size + i for i in range(3))
+    prompter = SpeechPrompter(chat_format_for(tokenizer), ids, "asr")
+    n = model.placeholder_count(37)
+    speech, lengths = model.encode_speech(torch.randn(1, 37, 80), torch.tensor([37]))
+    assert n == speech.shape[1] == int(lengths[0]) == 5  # ceil(ceil(37 / 4) / 2)
+    example = prompter.example(n, "four seven")
+    prompt = prompter.prompt(n)
+    assert example.ids[:len(prompt)] == prompt  # the generation prompt is the example's prefix
+    assert prompt.count(ids.placeholder_id) == n and prompt.count(ids.start_id) == prompt.count(ids.end_id) == 1
+    start = prompt.index(ids.start_id)
+    assert prompt[start:start + n + 2] == [ids.start_id] + [ids.placeholder_id] * n + [ids.end_id]
+    text = tokenizer.decode([i for i in prompt if i < tokenizer.vocab_size])
+    assert "Repeat after me in English:" in text and text.index("system") < text.index("user")
+    labelled = [t for t, lab in zip(example.ids, example.labels) if lab != IGNORE_INDEX]
+    assert tokenizer.decode(labelled[:-1]) == "four seven" and labelled[-1] in prompter.stop_ids
+    ast = SpeechPrompter(chat_format_for(tokenizer), ids, "ast")
+    assert "Translate the following sentence into English:" in tokenizer.decode(
+        [i for i in ast.prompt(3, "en") if i < tokenizer.vocab_size])
+
+
+def test_speech_written_at_audio_tokens_and_prefix_unchanged(tokenizer):
+    model = _model(tokenizer).eval()
+    prompter = SpeechPrompter(chat_format_for(tokenizer), model.audio_tokens)
+    tokens, _, mask, features, lengths = _batch(model, prompter)
+    speech, speech_lengths = model.encode_speech(features, lengths)
+    where, values, plain = model.audio_embeds(tokens, speech, speech_lengths)
+    ids = model.audio_tokens
+    assert torch.equal(where, tokens >= ids.start_id) and int((plain >= tokens.new_tensor(ids.start_id)).sum()) == 0
+    kinds = tokens[where]
+    markers = model.audio_marker_embeddings.weight
+    assert torch.equal(values[kinds == ids.start_id], markers[0].expand(len(lengths), -1))
+    assert torch.equal(values[kinds == ids.end_id], markers[1].expand(len(lengths), -1))
+    expected = torch.cat([speech[u, :n] for u, n in enumerate(speech_lengths.tolist())])
+    assert torch.equal(values[kinds == ids.placeholder_id], expected)
+    with torch.no_grad():
+        logits = model(tokens, features, lengths, attention_mask=mask)
+        text_only = model.language_model(plain, attention_mask=mask)
+    assert logits.shape == (3, tokens.shape[1], tokenizer.vocab_size)
+    first_audio = int(where[0].nonzero()[0])
+    torch.testing.assert_close(logits[:, :first_audio], text_only[:, :first_audio], rtol=0, atol=0)  # causal
+    assert not torch.allclose(logits[:, first_audio:], text_only[:, first_audio:])
+    with pytest.raises(SpeechInputError, match="placeholders but utterance"):
+        model(tokens, features, lengths.flip(0))
+    with pytest.raises(SpeechInputError, match="no speech features"):
+        model(tokens)
+
+
+def test_only_encoder_and_adapter_train_and_lm_stays_bit_identical(tokenizer):
+    model = _model(tokenizer)
+    lm_before = {k: v.clone() for k, v in model.language_model.state_dict().items()}
+    prompter = SpeechPrompter(chat_format_for(tokenizer), model.audio_tokens)
+    tokens, labels, mask, features, lengths = _batch(model, prompter)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+    model.train()
+    assert not model.language_model.training and model.encoder.training
+    for _ in range(3):
+        loss_sum, n = model(tokens, features, lengths, labels=labels, attention_mask=mask)
+        (loss_sum / n).backward()
+        assert all(p.grad is None for p in model.language_model.parameters())
+        for module in (model.encoder, model.adapter, model.audio_marker_embeddings):
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n.split(".")[0] in ("encoder", "adapter", "audio_marker_embeddings") for n in names)
+    for k, v in model.language_model.state_dict().items():
+        assert torch.equal(v, lm_before[k]), k
+
+
+def test_fast_loss_equals_full_logits_loss(tokenizer):
+    model = _model(tokenizer).eval()
+    prompter = SpeechPrompter(chat_format_for(tokenizer), model.audio_tokens)
+    tokens, labels, mask, features, lengths = _batch(model, prompter)
+    loss_sum, n = model(tokens, features, lengths, labels=labels, attention_mask=mask)
+    logits = model(tokens, features, lengths, attention_mask=mask)
+    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="sum")
+    assert n == int((labels != IGNORE_INDEX).sum())
+    torch.testing.assert_close(loss_sum, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_batched_greedy_decoding_equals_uncached_argmax(tokenizer):
+    model = _model(tokenizer, seed=3).eval()
+    prompter = SpeechPrompter(chat_format_for(tokenizer), model.audio_tokens)
+    frames = (41, 13, 26)
+    features, lengths = torch.randn(3, 41, 80), torch.tensor(frames)
+    prompts = [prompter.prompt(model.placeholder_count(f)) for f in frames]
+    out = model.generate(prompts, features, lengths, max_new_tokens=6, stop_ids=prompter.stop_ids)
+    for i, prompt in enumerate(prompts):  # each alone, no cache: append the argmax token by token
+        ids = list(prompt)
+        expected = []
+        for _ in range(6):
+            with torch.no_grad():
+                logits = model(torch.tensor([ids]), features[i:i + 1, :frames[i]], lengths[i:i + 1])
+            token = int(logits[0, -1].argmax())
+            if token in prompter.stop_ids:
+                break
+            expected.append(token)
+            ids.append(token)
+        assert out[i] == expected, i
+
+
+def test_with_a_vision_language_model_image_and_speech_in_one_prompt(tokenizer):
+    from adapters.vision_language import VisionLanguageConfig, VisionLanguageModel
+    from vision.config import preset as vision_preset
+    from vision.tiling import TilingConfig, tile_image
+
+    torch.manual_seed(0)
+    language = llama_preset("tiny", vocab_size=tokenizer.vocab_size + 1, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64)
+    vlm = VisionLanguageModel(VisionLanguageConfig(language=language, vision=vision_preset("tiny"),
+                                                   image_token_id=tokenizer.vocab_size, n_extra_tokens=0))
+    model = _model(tokenizer, lm=vlm).eval()
+    assert model.audio_tokens.start_id == tokenizer.vocab_size + 1  # past <|image|>
+    prompter = SpeechPrompter(chat_format_for(tokenizer), model.audio_tokens)
+    frames = 21
+    prompt = [tokenizer.vocab_size] + prompter.prompt(model.placeholder_count(frames))  # <|image|> first
+    features, lengths = torch.randn(1, frames, 80), torch.tensor([frames])
+    tiling = TilingConfig(tile_size=vlm.config.vision.image_size, max_tiles=vlm.config.vision.max_num_tiles)
+    image = tile_image(torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8), tiling)
+    out = model.generate([prompt], features, lengths, images=[[image]], max_new_tokens=3)
+    no_image = model.generate([prompt[1:]], features, lengths, max_new_tokens=3)
+    assert len(out[0]) == len(no_image[0]) == 3
+    with torch.no_grad():  # without images the VLM is its language model: same logits as wrapping the Llama
+        alone = _model(tokenizer, lm=vlm.language_model).eval()
+        alone.load_state_dict({k: v for k, v in model.state_dict().items()
+                               if not k.startswith("language_model.")}, strict=False)
+        p2 = SpeechPrompter(chat_format_for(tokenizer), alone.audio_tokens).prompt(model.placeholder_count(frames))
+        a = model(torch.tensor([prompt[1:]]), features, lengths)
+        b = alone(torch.tensor([p2]), features, lengths)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
