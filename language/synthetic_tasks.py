@@ -12,7 +12,8 @@ problem appears in any training file (SFT, reward-model, preference, or the plai
 Wrong answers for the reward model and DPO mimic the mistakes a small model makes: a `near` miss has one
 small error (a digit off, two letters swapped, one letter left lowercase, the wrong bracket), a `far`
 miss is clearly wrong (another number, the word not reversed, ...). Ranked rows order them correct >
-near > far (the paper's edited > chosen > rejected).
+near > far (the paper's edited > chosen > rejected). With `sft_flawed` > 0, that share of the SFT
+demonstrations make the kind's systematic mistake (`flawed_answer`), as imperfect human demonstrations do.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class TaskConfig:
     n_preference: int = field(default=1000, metadata={"range": (1, None), "help": "ranked / preference rows (train)"})
     n_prompts: int = field(default=300, metadata={"range": (1, None), "help": "prompts (train) for rejection sampling, and as many for annotating policy samples"})
     n_eval: int = field(default=200, metadata={"range": (1, None), "help": "held-out problems (eval chat + eval ranked)"})
+    sft_flawed: float = field(default=0.0, metadata={"range": (0.0, 1.0), "help": "share of SFT demonstrations "
+                              "that make the kind's systematic mistake (`flawed_answer`), as imperfect human demos do"})
     n_pretrain_docs: int = field(default=400, metadata={"range": (0, None), "help": "plain-text docs for a base model"})
     lines_per_doc: int = field(default=16, metadata={"range": (1, None)})
 
@@ -159,6 +162,26 @@ def _wrap(rng, cfg) -> Problem:
                    _other(rng, answer, near), _other(rng, answer, far), f"{word} in {name} is {answer}")
 
 
+FLAWED_WRAPPERS = {"square brackets": "parentheses", "parentheses": "square brackets",
+                   "angle brackets": "curly braces", "curly braces": "angle brackets"}
+
+
+def flawed_answer(p: Problem) -> str:
+    """The kind's systematic mistake (always the same for a problem, unlike the random `near` miss):
+    add: ten too many; reverse: the word unchanged; upper: only the first letter capitalised; wrap: the
+    paired other bracket (square <-> round, angle <-> curly). Falls back to `near` where it would be right."""
+    kind, *args = p.key.split(":")
+    if kind == "add":
+        flawed = str(int(args[0]) + int(args[1]) + 10)
+    elif kind == "reverse":
+        flawed = args[0]
+    elif kind == "upper":
+        flawed = args[0].capitalize()
+    else:
+        flawed = WRAPPERS[FLAWED_WRAPPERS[args[0]]].format(args[1])
+    return p.near if is_correct(p.answer, flawed) else flawed
+
+
 _MAKERS = {"add": _add, "reverse": _reverse, "upper": _upper, "wrap": _wrap}
 
 
@@ -203,6 +226,13 @@ def chat_row(p: Problem) -> dict:
     return {"messages": _user(p) + [_assistant(p.answer)], "kind": p.kind}
 
 
+def sft_row(p: Problem, flawed: bool) -> dict:
+    """SFT demonstration: the reference answer, or (flawed) the kind's systematic mistake."""
+    if not flawed:
+        return chat_row(p)
+    return {"messages": _user(p) + [_assistant(flawed_answer(p))], "kind": p.kind, "flawed": True}
+
+
 def ranked_row(p: Problem, rng: random.Random) -> dict:
     """Reward-model row: 3 responses (correct > near > far) or 2 (correct > one miss), about half each."""
     misses = [p.near, p.far] if p.near != p.far else [p.near]
@@ -235,7 +265,8 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 def write_task_files(cfg: TaskConfig, out_dir) -> dict[str, Path]:
     """Write the task's files into `out_dir`; returns their paths by name:
-      sft_train / sft_eval       chat rows (eval: held-out prompts with reference answers)
+      sft_train / sft_eval       chat rows (eval: held-out prompts with reference answers); a share
+                                 `sft_flawed` of sft_train rows carry `flawed_answer` (marked "flawed")
       ranked_train / ranked_eval reward-model rows (2-3 ranked responses)
       preference_train           chosen / rejected rows
       prompts_train              chat rows for rejection sampling (train split, other draws than SFT)
@@ -244,8 +275,10 @@ def write_task_files(cfg: TaskConfig, out_dir) -> dict[str, Path]:
     out = Path(out_dir)
     rng = random.Random(f"{cfg.seed}:rows")
     held_out = make_problems(cfg, "eval", cfg.n_eval)
+    flaw_rng = random.Random(f"{cfg.seed}:flawed")
     paths = {
-        "sft_train": _write(out / "sft_train.jsonl", [chat_row(p) for p in make_problems(cfg, "train", cfg.n_sft, stream="sft")]),
+        "sft_train": _write(out / "sft_train.jsonl", [sft_row(p, flaw_rng.random() < cfg.sft_flawed) for p in
+                                                      make_problems(cfg, "train", cfg.n_sft, stream="sft")]),
         "sft_eval": _write(out / "sft_eval.jsonl", [chat_row(p) for p in held_out]),
         "ranked_train": _write(out / "ranked_train.jsonl", [ranked_row(p, rng) for p in
                                                             make_problems(cfg, "train", cfg.n_preference, stream="rm")]),

@@ -2,7 +2,9 @@
 
     base -> SFT -> reward model -> rejection sampling -> DPO        (each stage: its own recipe)
 
-1. `task`: language/synthetic_tasks.py writes SFT, ranked, prompt and held-out files from a seed.
+1. `task`: language/synthetic_tasks.py writes SFT, ranked, prompt and held-out files from a seed. A share
+   `task.sft_flawed` of the SFT demonstrations make the kind's systematic mistake (imperfect human demos):
+   SFT copies it, and the preference stages are what remove it.
 2. `base`: `base_model.init_from` (e.g. SmolLM2-135M-Instruct's GGUF), or a tiny model built from `base_model.preset`
    with the byte-level tokenizer made here (256 bytes + the Llama 3 special tokens; one character per
    token, so string tasks are learnable by a tiny model on CPU).
