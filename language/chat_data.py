@@ -48,7 +48,7 @@ class DataWarning(UserWarning):
     """One skipped row: `file:line: skipped (reason): detail`."""
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
@@ -114,23 +114,23 @@ class RankedExample:
 
 def _messages(value, key: str) -> list[Message]:
     if not isinstance(value, list) or not value:
-        raise _BadRow("malformed", f"{key!r} must be a non-empty list of messages")
+        raise BadRow("malformed", f"{key!r} must be a non-empty list of messages")
     return [_message(m, f"{key}[{i}]") for i, m in enumerate(value)]
 
 
 def _message(value, where: str, role: str | None = None) -> Message:
     if not isinstance(value, dict):
-        raise _BadRow("malformed", f"{where} must be an object with 'role' and 'content'")
+        raise BadRow("malformed", f"{where} must be an object with 'role' and 'content'")
     for key in ("role", "content"):
         if key not in value and not (key == "role" and role):
-            raise _BadRow("malformed", f"{where} has no key {key!r}")
+            raise BadRow("malformed", f"{where} has no key {key!r}")
     m_role, content = value.get("role", role), value["content"]
     if not isinstance(m_role, str) or not isinstance(content, str):
-        raise _BadRow("malformed", f"{where}: role and content must be strings")
+        raise BadRow("malformed", f"{where}: role and content must be strings")
     if role and m_role != role:
-        raise _BadRow("malformed", f"{where} must be an {role} message, got role {m_role!r}")
+        raise BadRow("malformed", f"{where} must be an {role} message, got role {m_role!r}")
     if m_role == "assistant" and not content.strip():
-        raise _BadRow("empty_assistant", f"{where} is an empty assistant turn")
+        raise BadRow("empty_assistant", f"{where} is an empty assistant turn")
     return Message(m_role, content, bool(value.get("end_of_message", False)))
 
 
@@ -138,41 +138,41 @@ def _render(fmt: ChatFormat, messages: list[Message], **kwargs) -> RenderedDialo
     roles = getattr(fmt, "ROLES", None)
     unknown = [m.role for m in messages if roles is not None and m.role not in roles]
     if unknown:
-        raise _BadRow("unknown_role", f"unknown role {unknown[0]!r}; this chat format knows {list(roles)}")
+        raise BadRow("unknown_role", f"unknown role {unknown[0]!r}; this chat format knows {list(roles)}")
     try:
         return fmt.render(messages, **kwargs)
     except ValueError as e:
-        raise _BadRow("unknown_role" if "unknown role" in str(e) else "render_error", str(e)) from None
+        raise BadRow("unknown_role" if "unknown role" in str(e) else "render_error", str(e)) from None
 
 
 def _check_length(n: int, max_len: int, what: str) -> None:
     if n > max_len:
-        raise _BadRow("too_long", f"{what} has {n} tokens > max_len {max_len}")
+        raise BadRow("too_long", f"{what} has {n} tokens > max_len {max_len}")
 
 
 def _chat_row(row: dict, fmt: ChatFormat, max_len: int) -> RenderedDialog:
     if "messages" not in row:
-        raise _BadRow("malformed", "no key 'messages'")
+        raise BadRow("malformed", "no key 'messages'")
     messages = _messages(row["messages"], "messages")
     if not any(m.role == "assistant" for m in messages):
-        raise _BadRow("no_assistant", "no assistant turn to train on")
+        raise BadRow("no_assistant", "no assistant turn to train on")
     dialog = _render(fmt, messages)
     _check_length(len(dialog.ids), max_len, "the dialog")
     return dialog
 
 
-def _ranked_row(row: dict, fmt: ChatFormat, max_len: int, max_reward_len: int | None) -> RankedExample:
+def _ranked_row(row: dict, fmt: ChatFormat, max_len: int, max_reward_len: int | None, line: int) -> RankedExample:
     if "prompt" not in row:
-        raise _BadRow("malformed", "no key 'prompt'")
+        raise BadRow("malformed", "no key 'prompt'")
     if "responses" in row:
         raw, names = row["responses"], None
         if not isinstance(raw, list) or not 2 <= len(raw) <= 3:
-            raise _BadRow("malformed", "'responses' must be a list of 2-3 assistant messages, best first")
+            raise BadRow("malformed", "'responses' must be a list of 2-3 assistant messages, best first")
     else:
         names = [k for k in ("edited", "chosen", "rejected") if k in row]
         for key in ("chosen", "rejected"):
             if key not in row:
-                raise _BadRow("malformed", f"no key {key!r} (nor 'responses')")
+                raise BadRow("malformed", f"no key {key!r} (nor 'responses')")
         raw = [row[k] for k in names]
     names = names or [f"responses[{i}]" for i in range(len(raw))]
     prompt_messages = _messages(row["prompt"], "prompt")
@@ -181,24 +181,27 @@ def _ranked_row(row: dict, fmt: ChatFormat, max_len: int, max_reward_len: int | 
     for i in range(len(texts)):
         for j in range(i + 1, len(texts)):
             if texts[i] == texts[j]:
-                raise _BadRow("duplicate_responses", f"{names[i]} equals {names[j]}")
+                raise BadRow("duplicate_responses", f"{names[i]} equals {names[j]}")
     prompt = _render(fmt, prompt_messages, add_generation_prompt=True)
     n = len(prompt.ids)
     rendered = []
     for r, name in zip(responses, names):
         full = _render(fmt, prompt_messages + [r])
         if full.ids[:n] != prompt.ids:
-            raise _BadRow("render_error", f"{name}: the rendered prompt + generation header is not a prefix of "
+            raise BadRow("render_error", f"{name}: the rendered prompt + generation header is not a prefix of "
                                           "the rendered prompt + response")
         _check_length(len(full.ids), max_len, f"prompt + {name}")
         rendered.append(Response(full.ids[n:], full.target_mask[n:], full.content_mask[n:]))
-    example = RankedExample(prompt, rendered)
+    example = RankedExample(prompt, rendered, line=line)
     if max_reward_len is not None:
         _check_length(example.reward_length, max_reward_len, "the reward row (prompt + all responses)")
     return example
 
 
-def _load(path, parse, max_bad_fraction: float) -> tuple[list, LoadReport]:
+def load_jsonl_rows(path, parse, max_bad_fraction: float = 0.5) -> tuple[list, LoadReport]:
+    """Items `parse(row: dict, lineno) -> item` of a JSONL file. A row that is not a JSON object or whose
+    `parse` raises `BadRow` is counted and skipped with a `DataWarning` naming file:line; no rows, or more
+    than `max_bad_fraction` bad rows -> `DataError`. Every loader of chat-like JSONL goes through here."""
     path = Path(path)
     report, kept = LoadReport(str(path)), []
     with open(path, "rb") as f:
@@ -210,18 +213,16 @@ def _load(path, parse, max_bad_fraction: float) -> tuple[list, LoadReport]:
                 try:
                     row = json.loads(raw.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise _BadRow("invalid_json", str(e)) from None
+                    raise BadRow("invalid_json", str(e)) from None
                 if not isinstance(row, dict):
-                    raise _BadRow("malformed", f"a row must be a JSON object, got {type(row).__name__}")
-                item = parse(row)
-            except _BadRow as bad:
+                    raise BadRow("malformed", f"a row must be a JSON object, got {type(row).__name__}")
+                item = parse(row, lineno)
+            except BadRow as bad:
                 report.counts[bad.reason] += 1
                 # located at the data file's line; no registry, so a file loaded twice warns twice
                 warnings.warn_explicit(f"{path}:{lineno}: skipped ({bad.reason}): {bad}", DataWarning,
                                        str(path), lineno, module=__name__, registry=None)
                 continue
-            if isinstance(item, RankedExample):
-                item.line = lineno
             kept.append(item)
             report.kept += 1
     if report.total == 0:
@@ -235,14 +236,15 @@ def _load(path, parse, max_bad_fraction: float) -> tuple[list, LoadReport]:
 def load_chat_jsonl(path, chat_format: ChatFormat, *, max_len: int,
                     max_bad_fraction: float = 0.5) -> tuple[list[RenderedDialog], LoadReport]:
     """SFT dialogs of a chat JSONL file, rendered with BOS (module docstring for bad rows)."""
-    return _load(path, lambda row: _chat_row(row, chat_format, max_len), max_bad_fraction)
+    return load_jsonl_rows(path, lambda row, _: _chat_row(row, chat_format, max_len), max_bad_fraction)
 
 
 def load_preference_jsonl(path, chat_format: ChatFormat, *, max_len: int, max_reward_len: int | None = None,
                           max_bad_fraction: float = 0.5) -> tuple[list[RankedExample], LoadReport]:
     """Preference or ranked rows (both kinds may mix in a file). `max_len` bounds prompt + each response
     (a DPO sequence); `max_reward_len`, if given, bounds prompt + all responses (a reward-model row)."""
-    return _load(path, lambda row: _ranked_row(row, chat_format, max_len, max_reward_len), max_bad_fraction)
+    return load_jsonl_rows(path, lambda row, line: _ranked_row(row, chat_format, max_len, max_reward_len, line),
+                           max_bad_fraction)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -17,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from language.chat_data import DataError, DataWarning, LoadReport
+from language.chat_data import BadRow, DataError, LoadReport, load_jsonl_rows
 from language.chat_format import ChatFormat, Message
 from language.generation import generate
 from language.synthetic_tasks import is_correct
@@ -60,38 +59,32 @@ class PromptExample:
     kind: str = ""
 
 
-class _Bad(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-
-
 def _prompt_row(row: dict, fmt: ChatFormat, max_prompt_len: int) -> tuple[list[Message], list[int], Optional[str]]:
     raw = row.get("messages", row.get("prompt"))
     if not isinstance(raw, list) or not raw:
-        raise _Bad("malformed", "needs 'messages' (or 'prompt'): a non-empty list of messages")
+        raise BadRow("malformed", "needs 'messages' (or 'prompt'): a non-empty list of messages")
     messages = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise _Bad("malformed", f"message {i} needs string 'role' and 'content'")
+            raise BadRow("malformed", f"message {i} needs string 'role' and 'content'")
         messages.append(Message(m["role"], m["content"]))
     reference = None
     if messages[-1].role == "assistant":
         reference = messages.pop().content
         if not reference.strip():
-            raise _Bad("empty_assistant", "the reference answer (last assistant turn) is empty")
+            raise BadRow("empty_assistant", "the reference answer (last assistant turn) is empty")
     if not messages:
-        raise _Bad("malformed", "no prompt before the reference answer")
+        raise BadRow("malformed", "no prompt before the reference answer")
     roles = getattr(fmt, "ROLES", None)
     unknown = [m.role for m in messages if roles is not None and m.role not in roles]
     if unknown:
-        raise _Bad("unknown_role", f"unknown role {unknown[0]!r}; this chat format knows {list(roles)}")
+        raise BadRow("unknown_role", f"unknown role {unknown[0]!r}; this chat format knows {list(roles)}")
     try:
         ids = fmt.render(messages, add_generation_prompt=True).ids
     except ValueError as e:
-        raise _Bad("unknown_role" if "unknown role" in str(e) else "render_error", str(e)) from None
+        raise BadRow("unknown_role" if "unknown role" in str(e) else "render_error", str(e)) from None
     if len(ids) > max_prompt_len:
-        raise _Bad("too_long", f"the prompt has {len(ids)} tokens > {max_prompt_len} (context minus max_new_tokens)")
+        raise BadRow("too_long", f"the prompt has {len(ids)} tokens > {max_prompt_len} (context minus max_new_tokens)")
     return messages, ids, reference
 
 
@@ -100,34 +93,10 @@ def load_prompts(path, fmt: ChatFormat, *, max_prompt_len: int, max_bad_fraction
     """Rows `{"messages": [...]}` or `{"prompt": [...]}`; a trailing assistant turn is the reference answer;
     an optional "kind" labels the row. Bad rows: counted, skipped with a `DataWarning` naming file:line;
     more than `max_bad_fraction` bad rows -> `DataError` (as `language.chat_data` loaders)."""
-    path = Path(path)
-    report, kept = LoadReport(str(path)), []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            report.total += 1
-            try:
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise _Bad("invalid_json", str(e)) from None
-                if not isinstance(row, dict):
-                    raise _Bad("malformed", "a row must be a JSON object")
-                messages, ids, reference = _prompt_row(row, fmt, max_prompt_len)
-            except _Bad as bad:
-                report.counts[bad.reason] += 1
-                warnings.warn_explicit(f"{path}:{lineno}: skipped ({bad.reason}): {bad}", DataWarning,
-                                       str(path), lineno, module=__name__, registry=None)
-                continue
-            kept.append(PromptExample(messages, ids, reference, lineno, str(row.get("kind", ""))))
-            report.kept += 1
-    if report.total == 0:
-        raise DataError(f"{path}: no rows")
-    if report.bad > max_bad_fraction * report.total:
-        raise DataError(f"{path}: {report.bad} of {report.total} rows are bad (more than {max_bad_fraction:.0%}): "
-                        + ", ".join(f"{k}={v}" for k, v in report.counts.items() if v))
-    return kept, report
+    def parse(row: dict, line: int) -> PromptExample:
+        messages, ids, reference = _prompt_row(row, fmt, max_prompt_len)
+        return PromptExample(messages, ids, reference, line, str(row.get("kind", "")))
+    return load_jsonl_rows(path, parse, max_bad_fraction)
 
 
 @torch.no_grad()
