@@ -29,9 +29,9 @@ from training.precision import autocast, resolve_device
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
 from .posttrain_common import (AverageSection, EpochStream, ModelSection, StepMetrics, TokenizerSection,
-                               TrainSection, finish_plots, load_lm, load_tokenizer_and_format, permutation,
+                               TrainSection, finish_stage, load_lm, load_tokenizer_and_format, permutation,
                                post_training_optim, resolve_checkpoint, save_lm, split_micro, steps_for, train)
-from .posttrain_eval import TaskEval, TaskEvalSection, report_dict, write_json
+from .posttrain_eval import TaskEval, TaskEvalSection, report_dict
 
 REFERENCE_FILE = "reference_logprobs.pt"
 
@@ -145,13 +145,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         outcome.engine.close()
         return {"stopped_at_step": outcome.steps, **summary}
     summary.update(task_eval.summary(initial, task_eval.final(run_dir, outcome.engine.module)))
-    summary["averaged_snapshots"] = outcome.state.get("averaged_snapshots", 1)
-    summary["train_wall_time_s"] = outcome.wall_time_s
-    save_lm(policy.config, outcome.engine.trainable_state_dict(), tokenizer, run_dir / "final")
-    write_json(run_dir / "final" / "herd_summary.json", summary)
-    finish_plots(run_dir)
-    outcome.engine.close()
-    return summary
+    weights = outcome.engine.trainable_state_dict()
+    return finish_stage(outcome, run_dir, summary, lambda final: save_lm(policy.config, weights, tokenizer, final))
 
 
 def _reference(cfg: Config, run_dir: Path, policy, examples, pad_id: int, vocab_size: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ from training.metrics import MetricsLogger, plot_curves
 from training.progress import Progress
 
 from ..config import ConfigError, ExistingPath
+from .posttrain_eval import write_json
 from .text_pretrain import ModelSection, build_model
 
 __all__ = ["ModelSection", "TokenizerSection", "TrainSection", "AverageSection"]
@@ -255,9 +256,17 @@ def _evaluate(evaluate, module) -> dict:
         module.train(was_training)
 
 
-def finish_plots(run_dir: Path) -> None:
+def finish_stage(outcome, run_dir: Path, summary: dict, save: Callable[[Path], object]) -> dict:
+    """The end of a finished post-training run: averaging/timing fields, `save(run_dir / "final")`, the
+    summary next to the final model, the loss curve; closes the engine. Returns `summary`."""
+    summary["averaged_snapshots"] = outcome.state.get("averaged_snapshots", 1)
+    summary["train_wall_time_s"] = outcome.wall_time_s
+    save(run_dir / "final")
+    write_json(run_dir / "final" / "herd_summary.json", summary)
     if is_rank0() and (run_dir / "metrics.jsonl").is_file():
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    outcome.engine.close()
+    return summary
 
 
 def split_micro(items: list, n: int) -> list[list]:

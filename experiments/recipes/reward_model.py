@@ -28,7 +28,7 @@ from training.losses import bradley_terry_loss, pairwise_accuracy
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
 from .posttrain_common import (AverageSection, EpochStream, ModelSection, StepMetrics, TokenizerSection,
-                               TrainSection, finish_plots, load_lm, load_tokenizer_and_format, permutation,
+                               TrainSection, finish_stage, load_lm, load_tokenizer_and_format, permutation,
                                post_training_optim, resolve_checkpoint, split_micro, steps_for, train)
 from .posttrain_eval import binomial_se, report_dict, write_json
 
@@ -164,10 +164,5 @@ def run(cfg: Config, run_dir: Path) -> dict:
         write_json(run_dir / "eval_final.json", result)
         summary.update({"eval_data": report_dict(eval_report),
                         **{k: v for k, v in result.items() if k != "per_example"}})
-    summary["averaged_snapshots"] = outcome.state.get("averaged_snapshots", 1)
-    summary["train_wall_time_s"] = outcome.wall_time_s
-    save_reward_model(module, outcome.engine.trainable_state_dict(), tokenizer, run_dir / "final")
-    write_json(run_dir / "final" / "herd_summary.json", summary)
-    finish_plots(run_dir)
-    outcome.engine.close()
-    return summary
+    weights = outcome.engine.trainable_state_dict()
+    return finish_stage(outcome, run_dir, summary, lambda final: save_reward_model(module, weights, tokenizer, final))

@@ -22,9 +22,9 @@ from training.losses import sft_loss
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
 from .posttrain_common import (AverageSection, EpochStream, ModelSection, TokenizerSection, TrainSection,
-                               finish_plots, load_lm, load_tokenizer_and_format, permutation, post_training_optim,
+                               finish_stage, load_lm, load_tokenizer_and_format, permutation, post_training_optim,
                                save_lm, split_micro, steps_for, train)
-from .posttrain_eval import TaskEval, TaskEvalSection, report_dict, write_json
+from .posttrain_eval import TaskEval, TaskEvalSection, report_dict
 
 
 @dataclass
@@ -93,10 +93,5 @@ def run(cfg: Config, run_dir: Path) -> dict:
         outcome.engine.close()
         return {"stopped_at_step": outcome.steps, **summary}
     summary.update(task_eval.summary(initial, task_eval.final(run_dir, outcome.engine.module)))
-    summary["averaged_snapshots"] = outcome.state.get("averaged_snapshots", 1)
-    summary["train_wall_time_s"] = outcome.wall_time_s
-    save_lm(model.config, outcome.engine.trainable_state_dict(), tokenizer, run_dir / "final")
-    write_json(run_dir / "final" / "herd_summary.json", summary)
-    finish_plots(run_dir)
-    outcome.engine.close()
-    return summary
+    weights = outcome.engine.trainable_state_dict()
+    return finish_stage(outcome, run_dir, summary, lambda final: save_lm(model.config, weights, tokenizer, final))
