@@ -1,0 +1,301 @@
+"""Image adapter training (paper Sec 7.3-7.4): a frozen LM, an image encoder and gated cross-attention adapters.
+
+One recipe, three paper stages, chosen by the YAML:
+- adapter pre-training (`data.task: caption`, loss on the caption tokens; or `vqa` on answer tokens);
+- annealing (`model.init_from` the pre-training run, a higher tile resolution or more tiles, a re-warmed LR);
+- SFT (`prompt.style: chat`: questions in the LM's chat format, loss on the assistant tokens only, and
+  `model.language.swap_to` hot-swaps the instruct LM in).
+The LM is always frozen (its weights are checked bit-identical at the end); the encoder and adapters train
+per `model.freeze`. Engine checkpoints hold only trainable weights; the run records the frozen LM's path.
+Held-out VQA accuracy (greedy short answers, exact match after VQA normalisation, per question type) is
+logged every `eval.every` steps, and the final evaluation adds the image-blind and blank-image controls.
+`final/` holds every non-LM weight (`adapter.safetensors`) and `model.json` (see image_common.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from adapters.freezing import parameter_counts
+from adapters.image_tokens import IGNORE_INDEX, ImageTextCollator
+from adapters.vision_language import BATCH_INPUTS, VisionLanguageModel
+from language.checkpoints import load_pretrained
+from language.tokenizer import load_tokenizer
+from training.config import EngineConfig, OptimConfig, ScheduleConfig
+from training.distributed import is_rank0
+from training.engine import Engine
+from training.metrics import MetricsLogger, plot_curves
+from training.progress import Progress
+from vision.config import VisionConfig
+from vision.encoder import VisionEncoder
+from vision.tiling import TilingConfig
+
+from ..common import RunConfig
+from ..config import ConfigError
+from .image_common import (ADAPTER_FILE, MODEL_FILE, ModelSection, _from_record, _portable, adapt_encoder_state,
+                           build_encoder, build_language, composed_config, find_model_folder, non_language_state,
+                           resolve_path, save_image_model)
+from .image_data import DataSection, PromptFormat, PromptSection, manifest_vqa_items, scene_vqa_items, training_samples
+from .vqa_eval import evaluate_vqa, summarize, write_predictions
+
+
+@dataclass
+class EvalSection:
+    every: int = field(default=100, metadata={"range": (1, None), "help": "steps between held-out evaluations"})
+    questions: int = field(default=200, metadata={"range": (0, None), "help": "held-out questions per periodic "
+                                                                               "eval (0 = all)"})
+    final_questions: int = field(default=0, metadata={"range": (0, None), "help": "final eval (0 = all)"})
+    loss_batches: int = field(default=2, metadata={"range": (0, None), "help": "held-out batches for eval_loss"})
+    controls: list[str] = field(default_factory=lambda: ["blind", "blank"], metadata={
+        "help": "final controls: blind (no image), blank (a plain grey image)"})
+    batch_size: int = field(default=64, metadata={"range": (1, None)})
+    max_new_tokens: int = field(default=5, metadata={"range": (1, None)})
+
+    def __post_init__(self):
+        bad = [c for c in self.controls if c not in ("blind", "blank")]
+        if bad:
+            raise ValueError(f"key 'controls': {bad} are not among blind, blank")
+
+
+@dataclass
+class Config(RunConfig):
+    recipe: str = "image_adapter"
+    model: ModelSection = field(default_factory=ModelSection)
+    prompt: PromptSection = field(default_factory=PromptSection)
+    data: DataSection = field(default_factory=DataSection)
+    steps: int = field(default=200, metadata={"range": (1, None), "help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"range": (1, None), "help": "samples per step (all ranks)"})
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.01))
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=20))
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint_every: int = field(default=100, metadata={"range": (1, None)})
+    stop_after_steps: Optional[int] = field(default=None, metadata={
+        "range": (1, None), "help": "stop with a checkpoint after this many steps (resume=true continues)"})
+
+    def __post_init__(self):
+        parts = self.engine.grad_accum_steps * int(os.environ.get("WORLD_SIZE", "1"))
+        if self.batch_size % parts:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of engine.grad_accum_steps x ranks "
+                             f"= {parts}")
+        if self.engine.backend == "deepspeed" and self.engine.zero_stage == 3 and not self.model.always_run_encoder:
+            raise ValueError("engine.zero_stage=3 needs model.always_run_encoder=true (every rank must run every "
+                             "module, also on batches without images)")
+
+
+def loss_fn(model, batch: dict):
+    """Summed next-token cross-entropy over the labelled tokens (captions / answers), and their count."""
+    logits = model(**{k: batch[k] for k in BATCH_INPUTS if batch.get(k) is not None})
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (labels != IGNORE_INDEX).sum()
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def build_model(cfg: Config, run_dir: Path):
+    """-> (VisionLanguageModel with the stage's freezing, tokenizer, meta for model.json)."""
+    m = cfg.model
+    earlier, earlier_dir = None, None
+    if m.init_from:
+        earlier_dir = find_model_folder(resolve_path(m.init_from, "model.init_from"))
+        earlier = json.loads((earlier_dir / MODEL_FILE).read_text())
+    if m.language.path or earlier is None:
+        lm, tokenizer, record = build_language(m.language, run_dir, lambda: training_texts(cfg), cfg.seed)
+    else:  # the earlier stage's frozen LM and tokenizer
+        paths = {k: _from_record(earlier[k], earlier_dir.parent) for k in ("language_model", "tokenizer")}
+        lm, tokenizer = load_pretrained(paths["language_model"]), load_tokenizer(paths["tokenizer"])
+        record = {k: _portable(str(p), run_dir) for k, p in paths.items()}
+    if m.language.swap_to:  # paper Sec 7.4: the instruct LM replaces the base LM, adapters unchanged
+        record["base_language_model"] = record["language_model"]
+        record["language_model"] = _portable(m.language.swap_to, run_dir)
+        swapped = load_pretrained(resolve_path(m.language.swap_to, "model.language.swap_to"))
+        if not m.language.tokenizer:
+            tokenizer = load_tokenizer(resolve_path(m.language.swap_to))
+            record["tokenizer"] = record["language_model"]
+    else:
+        swapped = None
+    if earlier is None:
+        encoder, vision_source = build_encoder(m.vision)
+        image_token_id = lm.config.vocab_size  # the first learnable extra embedding
+    else:
+        encoder, vision_source = _encoder_from_earlier(m, earlier, earlier_dir)
+        image_token_id = earlier["vision_language"]["image_token_id"]
+    config = composed_config(m, lm.config, encoder.config, image_token_id,
+                             earlier["vision_language"] if earlier else None)
+    model = VisionLanguageModel(config, language_model=lm, vision_encoder=encoder)
+    if earlier is None:
+        model.reset_adapter_parameters(m.adapter_init_std)
+    else:
+        weights = load_file(str(earlier_dir / ADAPTER_FILE))
+        adapters = {k: v for k, v in weights.items() if not k.startswith("vision_model.")}
+        missing, unexpected = model.load_state_dict(adapters, strict=False)
+        missing = [k for k in missing if not k.startswith(("language_model.", "vision_model."))]
+        if missing or unexpected:
+            raise ConfigError(f"model.init_from: {earlier_dir / ADAPTER_FILE} does not fit this model: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}")
+    if swapped is not None:
+        try:
+            model.swap_language_model(swapped)
+        except ValueError as e:
+            raise ConfigError(f"model.language.swap_to: {e}") from None
+    model.freeze_for_stage(m.freeze.policy())
+    meta = {"format": "herd-image-model/1", "vision_language": config.to_dict(), **record,
+            "vision_source": vision_source, "init_from": str(earlier_dir) if earlier_dir else None,
+            "prompt": asdict(cfg.prompt)}
+    return model, tokenizer, meta
+
+
+def _encoder_from_earlier(m: ModelSection, earlier: dict, folder: Path) -> tuple[VisionEncoder, str]:
+    old = VisionConfig.from_dict(earlier["vision_language"]["vision"])
+    try:
+        new = VisionConfig(**{**old.to_dict(), **m.vision.overrides()})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.vision: {e}") from None
+    prefix = "vision_model."
+    state = {k[len(prefix):]: v for k, v in load_file(str(folder / ADAPTER_FILE)).items() if k.startswith(prefix)}
+    encoder = VisionEncoder(new)
+    encoder.load_state_dict(adapt_encoder_state(state, old, new, encoder.state_dict()))
+    return encoder, str(folder)
+
+
+def training_texts(cfg: Config, n_scenes: int = 2000) -> list[str]:
+    """Texts for the BPE of a preset LM: captions, questions and answers of training data, prompt strings."""
+    p = cfg.prompt
+    texts = [p.instruction, p.caption_prompt, p.system or "", p.question_template]
+    if cfg.data.train_manifest:
+        from vision.image_dataset import ImageManifestDataset
+        rows = ImageManifestDataset(cfg.data.train_manifest, TilingConfig()).rows
+        for row in rows:
+            texts += [row.caption or ""] + [f"{q.question} {q.answer}" for q in row.qa]
+            texts += [m["content"] for m in row.messages]
+        return texts
+    from vision.scenes import generate_scene
+    config = cfg.data.scenes.scene_config()
+    for i in range(n_scenes):
+        scene = generate_scene(i, "train", cfg.data.scenes.seed, config)
+        texts += [scene.caption] + [f"{q.question} {q.answer}" for q in scene.qa]
+    return texts
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+def run(cfg: Config, run_dir: Path) -> dict:
+    t_start = time.time()
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, meta = build_model(cfg, run_dir)
+    zero3 = cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3
+    lm_digest = None if zero3 else weights_digest(model.language_model)
+    vision = model.config.vision
+    tiling = TilingConfig(tile_size=vision.image_size, max_tiles=vision.max_num_tiles, max_images=cfg.model.max_images)
+    fmt = PromptFormat(tokenizer, model.config.image_token_id, cfg.prompt, model.config.language.max_seq_len)
+    train = training_samples(cfg.data, tiling, cfg.seed)
+    heldout = training_samples(cfg.data, tiling, cfg.seed, split="heldout")
+    items = (manifest_vqa_items(cfg.data.eval_manifest, tiling) if cfg.data.eval_manifest
+             else scene_vqa_items(cfg.data.scenes))
+    collate = ImageTextCollator(model.config.image_token_id, tiling, model.config.image_token_policy, fmt.pad_id)
+    counts = parameter_counts(model)
+    engine = Engine(model, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)
+    if is_rank0():
+        (run_dir / MODEL_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    state = engine.resume() or {"position": 0, "skipped": 0, "language_model": meta["language_model"]}
+    if state["position"]:
+        print(f"herd: resumed at step {state['position']} of {cfg.steps}", flush=True)
+    logger = MetricsLogger(run_dir)
+    accum = cfg.engine.grad_accum_steps
+
+    def batch_at(position: int, count: int, source, seed_tag: str) -> list[dict]:
+        first = position * count
+        rows = list(range(first, first + count))[engine.rank::engine.world_size]
+        return [fmt.training_sample(source[i], cfg.data.task, cfg.data.qa_per_sample,
+                                    random.Random(f"{cfg.seed}:{seed_tag}:{i}")) for i in rows]
+
+    def heldout_loss() -> float:
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for b in range(cfg.eval.loss_batches):
+                batch = engine.backend.prepare_batch(collate(batch_at(b, cfg.batch_size, heldout, "heldout")))
+                loss, n = loss_fn(engine.model, batch)
+                total, tokens = total + float(loss), tokens + int(n)
+        return total / max(tokens, 1)
+
+    def evaluate(step: int, final: bool = False) -> dict:
+        limit = cfg.eval.final_questions if final else cfg.eval.questions
+        subset = items[:limit] if limit else items
+        modes = ["image"] + (list(cfg.eval.controls) if final else [])
+        results = evaluate_vqa(engine.module, fmt, subset, tiling, modes=modes, batch_size=cfg.eval.batch_size,
+                               max_new_tokens=cfg.eval.max_new_tokens)
+        record = {"eval_vqa_accuracy": results["image"]["accuracy"]}
+        record.update({f"eval_vqa/{t}": a for t, a in results["image"]["per_type"].items()})
+        for control in modes[1:]:
+            record[f"eval_{control}_accuracy"] = results[control]["accuracy"]
+        if cfg.eval.loss_batches:
+            record["eval_loss"] = heldout_loss()
+        logger.log(step, record)
+        return {"results": results, "items": subset}
+
+    progress = Progress(cfg.steps, initial=state["position"], print_every=10, desc=cfg.experiment)
+    model.train()
+    train_time = 0.0
+    while state["position"] < cfg.steps:
+        t0 = time.perf_counter()
+        samples = batch_at(state["position"], cfg.batch_size, train, "train")
+        micro = [collate(samples[k::accum]) for k in range(accum)]
+        result = engine.train_step(micro, loss_fn)
+        train_time += time.perf_counter() - t0
+        state["position"] += 1
+        state["skipped"] += int(result.skipped)
+        position = state["position"]
+        progress.update(position, result.loss, result.tokens)
+        logger.log(position, {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                              "tokens": result.tokens, "skipped": result.skipped})
+        if position % cfg.eval.every == 0 and position < cfg.steps:
+            evaluate(position)
+            model.train()
+        stop = cfg.stop_after_steps is not None and position >= cfg.stop_after_steps
+        if position % cfg.checkpoint_every == 0 or position == cfg.steps or stop:
+            engine.save_checkpoint(state)
+        if stop and position < cfg.steps:
+            progress.close()
+            engine.close()
+            return {"stopped_at_step": position, "planned_steps": cfg.steps, "last_loss": result.loss}
+    progress.close()
+
+    final = evaluate(cfg.steps, final=True)
+    summary = {"steps": cfg.steps, "samples_seen": cfg.steps * cfg.batch_size, "skipped_steps": state["skipped"],
+               "trainable_parameters": sum(c["trainable"] for c in counts.values()),
+               "frozen_lm_parameters": counts["language_model"]["total"], "language_model": meta["language_model"],
+               "eval_questions": len(final["items"])}
+    summary.update(summarize(final["results"]))
+    if lm_digest is not None:
+        summary["language_model_unchanged"] = weights_digest(engine.module.language_model) == lm_digest
+        summary["language_model_sha256"] = lm_digest
+    weights = engine.trainable_state_dict()  # a collective under ZeRO-3
+    summary["train_time_s"] = round(train_time, 1)
+    summary["wall_time_s"] = round(time.time() - t_start, 1)
+    if is_rank0():
+        export = {**non_language_state(engine.module), **{k: v for k, v in weights.items()
+                                                          if not k.startswith("language_model.")}}
+        save_image_model(run_dir / "final", export, meta)
+        write_predictions(run_dir / "predictions.jsonl", final["items"], final["results"])
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    engine.close()
+    return summary

