@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from adapters.speech_adapter import preset as adapter_preset
@@ -45,6 +46,7 @@ from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
 from . import speech_eval
 from .bestrq_pretrain import EncoderSection, load_encoder_init
+from .speech_lm_copy import CopyPretrainSection, copy_pretrain
 
 
 @dataclass
@@ -57,6 +59,8 @@ class LanguageModelSection:
         "range": (0.0, 10.0), "help": "std of a preset LM's random weights (default: Llama's 0.02)"})
     overrides: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "preset field overrides of a random LM (n_layers, dim, rope_theta, ...)"})
+    copy_pretrain: CopyPretrainSection = field(default_factory=CopyPretrainSection, metadata={
+        "help": "text-only training of the LM to repeat a transcript placed in the audio span, then frozen"})
 
     def __post_init__(self):
         if (self.path is None) == (self.preset is None):
@@ -295,6 +299,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 continue
             raise ConfigError(f"data.eval: manifest '{s.manifest}' does not exist")
         eval_sets[name] = (s, SpeechDataset(s.manifest, audio))
+    copy_note = _copy_stage(cfg, model, tokenizer, prompter, train_set, run_dir)
     steps = StepBatches(train_set, prompter, cfg, model.encoder.config, model.adapter.config.conv_kernel,
                         model.adapter.config.conv_stride)
     frontend = copy.deepcopy(model.frontend)  # float32 whatever the backend does to the model's buffers
@@ -358,6 +363,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     progress.close()
     train_seconds = time.time() - t_start
     summary = _finish(cfg, engine, trainer, tokenizer, meta, evaluate, eval_sets, notes, train_set, run_dir, metric_names)
+    if copy_note:
+        summary["copy_pretrain"] = copy_note
     summary["train_wall_time_s"] = round(train_seconds, 1)
     summary["wall_time_s"] = round(time.time() - t_start, 1)
     engine.close()
@@ -388,10 +395,31 @@ def _finish(cfg, engine, trainer, tokenizer, meta, evaluate, eval_sets, notes, t
             summary[name]["baseline_wer"] = write["baseline_most_frequent"]["wer"]
     summary.update(notes)
     summary["final_eval_seconds"] = round(eval_seconds, 1)
-    speech_eval.save_speech_model(model, tokenizer, run_dir / "final", meta, save_lm=cfg.language_model.preset is not None)
+    save_lm = cfg.language_model.preset is not None or cfg.language_model.copy_pretrain.steps > 0  # not as loaded
+    speech_eval.save_speech_model(model, tokenizer, run_dir / "final", meta, save_lm=save_lm)
     (run_dir / "final" / "herd_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     return summary
+
+
+def _copy_stage(cfg: Config, model, tokenizer, prompter, train_set, run_dir: Path) -> dict:
+    """language_model.copy_pretrain: train the LM on the copy task (speech_lm_copy) before the engine takes the
+    trainable parameters, and save it; a resumed run loads the saved LM instead. {} when off."""
+    section = cfg.language_model.copy_pretrain
+    if section.steps == 0:
+        return {}
+    path = run_dir / "checkpoints" / "copy_pretrained_lm.safetensors"
+    if path.is_file():
+        model.language_model.load_state_dict(load_file(str(path)))
+        return {"loaded": str(path)}
+    if cfg.task != "asr":
+        raise ConfigError("language_model.copy_pretrain applies to task asr")
+    result = copy_pretrain(model, prompter, tokenizer, [u.text for u in train_set.utterances], section)
+    if is_rank0():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        weights = model.language_model.state_dict()  # cloned: tied embeddings share memory
+        save_file({k: v.detach().clone().contiguous() for k, v in weights.items()}, str(path))
+    return result
 
 
 def _most_frequent_reference(task: str, dataset: SpeechDataset) -> str:

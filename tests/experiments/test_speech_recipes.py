@@ -151,3 +151,62 @@ def test_bestrq_quantizer_saved_restored_and_encoder_reused(data, tmp_path):
     encoder = load_file(str(run / "final" / "encoder.safetensors"))
     assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in encoder.items())
     assert not torch.equal(model.frontend.global_std, torch.ones(80))
+
+
+
+def test_copy_pretrain_teaches_the_lm_then_it_stays_frozen_and_resume_reuses_it(data, tmp_path):
+    from experiments.recipes.speech_eval import load_speech_model, random_language_model
+    over = dict(steps=4, eval_every=100, checkpoint_every=2, ctc={"weight": 0.3}, schedule={"warmup_steps": 1},
+                language_model={"copy_pretrain": {"steps": 30, "lr": 1e-2, "batch_size": 8, "warmup_steps": 3}},
+                data={"eval": [{"manifest": str(data / "test.jsonl"), "name": "heldout"}]})
+    full = _run(tmp_path, _adapter_cfg(data, tmp_path / "a", **over))
+    copy = json.loads((full / "summary.json").read_text())["copy_pretrain"]
+    assert copy["copy_loss_last"] < 0.5 * copy["copy_loss_first"]  # it learns to repeat the span's tokens
+    saved = load_file(str(full / "checkpoints" / "copy_pretrained_lm.safetensors"))
+    fresh = random_language_model("tiny", 300, 0, 0.1, {"n_layers": 1}).state_dict()
+    assert saved.keys() == fresh.keys() and not all(torch.equal(saved[k], fresh[k]) for k in saved)
+    lm = load_speech_model(full).model.language_model.state_dict()  # adapter training left it bit-identical
+    assert lm.keys() == saved.keys() and all(torch.equal(lm[k], saved[k]) for k in saved)
+
+    # stop + resume: the resumed run loads the copy-trained LM (no second copy stage) and continues exactly
+    _run(tmp_path, _adapter_cfg(data, tmp_path / "b", stop_after_steps=2, **over))
+    resumed = _run(tmp_path, _adapter_cfg(data, tmp_path / "b", resume=True, **over))
+    assert "loaded" in json.loads((resumed / "summary.json").read_text())["copy_pretrain"]
+    losses = [[json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (full, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    a, b = (load_file(str(r / "final" / "speech_model.safetensors")) for r in (full, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_copy_batch_puts_each_token_repeated_between_silences(data):
+    import random as _random
+    from adapters.speech_inputs import AudioTokens
+    from adapters.speech_language import IGNORE_INDEX, SpeechPrompter
+    from experiments.recipes.speech_lm_copy import CopyPretrainSection, copy_batch, draw_texts
+    from language.chat_format import chat_format_for
+    from language.tokenizer import load_tokenizer
+    with pytest.raises(ValueError, match="repeat_max"):
+        CopyPretrainSection(repeat_min=3, repeat_max=2)
+    tokenizer = load_tokenizer(data / "tok")
+    ids = AudioTokens(start_id=300, placeholder_id=301, end_id=302)
+    prompter = SpeechPrompter(chat_format_for(tokenizer), ids)
+    texts = ["one two", "three"]
+    section = CopyPretrainSection(steps=1, repeat_min=2, repeat_max=3, silence_max=1)
+    tokens, labels, span_ids, lengths = copy_batch(prompter, [tokenizer.encode(t) for t in texts], texts, section,
+                                                   _random.Random(0))
+    for i, text in enumerate(texts):
+        span = span_ids[i, :lengths[i]].tolist()
+        spoken = [t for t in span if t >= 0]
+        runs = [t for j, t in enumerate(spoken) if j == 0 or spoken[j - 1] != t]
+        assert runs == tokenizer.encode(text) and 2 * len(runs) <= len(spoken) <= 3 * len(runs)
+        assert span[1:-1].count(-1) == 0 and len(span) - len(spoken) <= 2  # silence only at the ends
+        assert int((tokens[i] == ids.placeholder_id).sum()) == lengths[i]
+        answer = [t for t in labels[i].tolist() if t != IGNORE_INDEX]
+        assert tokenizer.decode(answer).strip().startswith(text)
+
+    pool = ["one two", "three"]
+    rng = _random.Random(0)
+    assert set(draw_texts(pool, 20, 0.0, rng)) == set(pool)
+    drawn = draw_texts(pool, 50, 1.0, rng)
+    assert {w for t in drawn for w in t.split()} == {"one", "two", "three"} and not set(drawn) <= set(pool)
+    assert max(len(t.split()) for t in drawn) == 2 and min(len(t.split()) for t in drawn) == 1
