@@ -41,8 +41,13 @@ speech-data: install
 test: install
 	$(BIN)/python -m pytest
 
+# Text pre-training (its tokenizer serves the next stages), then the image adapter on procedural scenes, then
+# the speech adapter on espeak speech (held-out voices + the real Asterisk digits when they could be fetched).
 quickstart: install
 	$(BIN)/herd run experiments/quickstart.yaml
+	$(BIN)/herd run experiments/image/quickstart.yaml
+	$(BIN)/herd data prepare speech
+	$(BIN)/herd run experiments/speech/quickstart.yaml
 
 clean-runs:
 	rm -rf runs
