@@ -34,7 +34,7 @@ from training.engine import Engine
 from training.metrics import MetricsLogger, plot_curves
 from training.progress import Progress
 
-from ..common import RunConfig
+from ..common import RunConfig, end_of_step
 from ..config import ConfigError, ExistingPath
 
 ENCODER_FILE, ENCODER_CONFIG, STATS_FILE, QUANTIZER_FILE = ("encoder.safetensors", "encoder_config.json",
@@ -222,13 +222,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
             record.update({f"eval_{k}": v for k, v in last_eval.items()})
             model.train()
         logger.log(step, record)
-        stop = cfg.stop_after_steps is not None and cfg.stop_after_steps <= step < cfg.steps
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
-            engine.save_checkpoint(state)
-        if stop:
-            progress.close()
-            engine.close()
-            return {"stopped_at_step": step, "planned_steps": cfg.steps, "last_loss": result.loss}
+        stopped = end_of_step(cfg, engine, progress, state, step, result.loss)
+        if stopped:
+            return stopped
     progress.close()
     weights = engine.trainable_state_dict()
     summary = {"steps": cfg.steps, "encoder_parameters": model.encoder.num_parameters(),

@@ -37,7 +37,7 @@ from vision.encoder import VisionEncoder
 from vision.image_dataset import ImageManifestDataset
 from vision.tiling import TilingConfig
 
-from ..common import RunConfig
+from ..common import RunConfig, end_of_step
 from ..config import ConfigError, ExistingPath
 from .image_common import ENCODER_CONFIG, ENCODER_FILE, VisionSection, build_encoder
 from .image_data import ManifestSamples, SceneSamples, ScenesSection
@@ -199,13 +199,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
         logger.log(position, {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm})
         if position % cfg.eval_every == 0 and position < cfg.steps:
             evaluate(position)
-        stop = cfg.stop_after_steps is not None and position >= cfg.stop_after_steps
-        if position % cfg.checkpoint_every == 0 or position == cfg.steps or stop:
-            engine.save_checkpoint(state)
-        if stop and position < cfg.steps:
-            progress.close()
-            engine.close()
-            return {"stopped_at_step": position, "planned_steps": cfg.steps, "last_loss": result.loss}
+        stopped = end_of_step(cfg, engine, progress, state, position, result.loss)
+        if stopped:
+            return stopped
     progress.close()
     final = evaluate(cfg.steps)
     weights = engine.trainable_state_dict()

@@ -40,7 +40,7 @@ from vision.config import VisionConfig
 from vision.encoder import VisionEncoder
 from vision.tiling import TilingConfig
 
-from ..common import RunConfig
+from ..common import RunConfig, end_of_step
 from ..config import ConfigError
 from .image_common import (ADAPTER_FILE, MODEL_FILE, ModelSection, _from_record, _portable, adapt_encoder_state,
                            build_encoder, build_language, composed_config, find_model_folder, non_language_state,
@@ -270,13 +270,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
         if position % cfg.eval.every == 0 and position < cfg.steps:
             evaluate(position)
             model.train()
-        stop = cfg.stop_after_steps is not None and position >= cfg.stop_after_steps
-        if position % cfg.checkpoint_every == 0 or position == cfg.steps or stop:
-            engine.save_checkpoint(state)
-        if stop and position < cfg.steps:
-            progress.close()
-            engine.close()
-            return {"stopped_at_step": position, "planned_steps": cfg.steps, "last_loss": result.loss}
+        stopped = end_of_step(cfg, engine, progress, state, position, result.loss)
+        if stopped:
+            return stopped
     progress.close()
 
     final = evaluate(cfg.steps, final=True)

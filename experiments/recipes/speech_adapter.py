@@ -42,7 +42,7 @@ from training.engine import Engine
 from training.metrics import MetricsLogger, plot_curves
 from training.progress import Progress
 
-from ..common import RunConfig
+from ..common import RunConfig, end_of_step
 from ..config import ConfigError, ExistingPath
 from . import speech_eval
 from .bestrq_pretrain import EncoderSection, load_encoder_init
@@ -353,13 +353,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 state["evals"][name] = {k: summary[k] for k in metric_names}
             trainer.train()
         logger.log(step, record)
-        stop = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps and step < cfg.steps
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
-            engine.save_checkpoint(state)
-        if stop:
-            progress.close()
-            engine.close()
-            return {"stopped_at_step": step, "planned_steps": cfg.steps, "last_loss": result.loss}
+        stopped = end_of_step(cfg, engine, progress, state, step, result.loss)
+        if stopped:
+            return stopped
     progress.close()
     train_seconds = time.time() - t_start
     summary = _finish(cfg, engine, trainer, tokenizer, meta, evaluate, eval_sets, notes, train_set, run_dir, metric_names)
