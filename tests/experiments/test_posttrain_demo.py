@@ -51,6 +51,7 @@ def test_flawed_demonstrations_make_the_systematic_mistake(tmp_path):
     assert flawed_answer(by_kind["wrap"])[1:-1] == word and flawed_answer(by_kind["wrap"]) != by_kind["wrap"].answer
 
 
+@pytest.mark.timeout(1500)  # ~2.5 min on an idle 2-core machine; 10+ min when another training shares the cores
 def test_posttrain_demo_runs_end_to_end_and_reports_four_improvements(tmp_path):
     assert main(["run", str(DEMO_YAML), f"output_dir={tmp_path}"]) == 0
     (run,) = [p for p in (tmp_path / "posttrain_demo").iterdir() if not p.is_symlink()]
