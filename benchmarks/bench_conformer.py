@@ -9,7 +9,7 @@ Measures
   (train mode, sum of outputs as the loss, no optimizer step) on a batch of --batch utterances of
   --seconds seconds of log-mel features (100 frames/s). Ours: `speech.conformer.ConformerEncoder`
   (stride-4 stacking + projection, rotary attention, masked BatchNorm); the peer: the same stacker
-  followed by `torchaudio.models.Conformer` with our blocks' weights (`block_state_from_torchaudio`), i.e.
+  followed by `torchaudio.models.Conformer`, its weights copied into our blocks (`block_state_from_torchaudio`), i.e.
   no rotary embeddings (torchaudio has none) and its plain BatchNorm;
 - ASR real-time factor (decode wall time / audio duration, lower is better) of the composed model
   (log-mel front end + encoder + adapter + frozen LM, greedy batched decoding with the KV cache, exactly
@@ -41,34 +41,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FRAMES_PER_SECOND = 100
 
 
-def torchaudio_state_from_block(block: dict) -> dict:
-    """Our ConformerBlock state dict -> torchaudio ConformerLayer names (the inverse of
-    `block_state_from_torchaudio`, checked by a round trip)."""
-    out = {}
-    for ffn in ("ffn1", "ffn2"):
-        for ta, ours in (("0", "layer_norm"), ("1", "linear1"), ("4", "linear2")):
-            for p in ("weight", "bias"):
-                out[f"{ffn}.sequential.{ta}.{p}"] = block[f"{ffn}.{ours}.{p}"]
-    for p in ("weight", "bias"):
-        out[f"self_attn_layer_norm.{p}"] = block[f"attn_norm.{p}"]
-        out[f"final_layer_norm.{p}"] = block[f"final_norm.{p}"]
-        out[f"conv_module.layer_norm.{p}"] = block[f"conv.layer_norm.{p}"]
-        out[f"self_attn.out_proj.{p}"] = block[f"attn.out_proj.{p}"]
-        out[f"self_attn.in_proj_{p}"] = torch.cat([block[f"attn.{n}.{p}"] for n in ("q_proj", "k_proj", "v_proj")])
-        out[f"conv_module.sequential.2.{p}"] = block[f"conv.depthwise.{p}"]
-        for ta, ours in (("0", "pointwise_in"), ("5", "pointwise_out")):
-            t = block[f"conv.{ours}.{p}"]
-            out[f"conv_module.sequential.{ta}.{p}"] = t[..., None] if p == "weight" else t
-    for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        out[f"conv_module.sequential.3.{p}"] = block[f"conv.norm.{p}"]
-    back = block_state_from_torchaudio(out)
-    if back.keys() != block.keys() or any(not torch.equal(back[k], block[k]) for k in block):
-        raise RuntimeError("torchaudio_state_from_block is not the inverse of block_state_from_torchaudio")
-    return out
-
-
 class TorchaudioEncoder(torch.nn.Module):
-    """Our frame stacker + torchaudio's Conformer with the weights of `ours` (its rotary embeddings left out)."""
+    """Our frame stacker + torchaudio's Conformer, whose (random) weights are copied into `ours`' blocks so both
+    models hold the same weights (ours adds rotary embeddings, which have no weights)."""
 
     def __init__(self, ours: ConformerEncoder):
         super().__init__()
@@ -79,7 +54,7 @@ class TorchaudioEncoder(torch.nn.Module):
         self.conformer = torchaudio.models.Conformer(input_dim=c.dim, num_heads=c.n_heads, ffn_dim=c.ffn_dim,
                                                      num_layers=c.n_layers, depthwise_conv_kernel_size=c.conv_kernel)
         for ta_layer, block in zip(self.conformer.conformer_layers, ours.layers):
-            ta_layer.load_state_dict(torchaudio_state_from_block(block.state_dict()))
+            block.load_state_dict(block_state_from_torchaudio(ta_layer.state_dict()))
 
     def forward(self, features, lengths):
         x, out_lengths = self.stacker(features, lengths)
