@@ -93,7 +93,8 @@ class TorchBackend:
     def save_state(self, folder: Path) -> None:
         """Write ``optimizer.pt`` (AdamW state + the parameter names behind its integer ids)."""
         ckpt.save_torch({"state_dict": self.optimizer.state_dict(),
-                         "param_names": param_group_names(self.module)}, folder / ckpt.OPTIMIZER_FILE)
+                         "param_names": param_group_names(self.module, self.optim_cfg.lr_scale)},
+                        folder / ckpt.OPTIMIZER_FILE)
 
     def load_state(self, folder: Path, state: dict[str, Any]) -> None:
         """Restore trainable weights from ``model.safetensors`` and the optimizer from ``optimizer.pt``."""
@@ -102,7 +103,7 @@ class TorchBackend:
         weights = ckpt.load_weights(path)
         copy_into(self.module, weights, weights.keys())
         saved = ckpt.load_torch(folder / ckpt.OPTIMIZER_FILE)
-        if saved.get("param_names") != param_group_names(self.module):
+        if saved.get("param_names") != param_group_names(self.module, self.optim_cfg.lr_scale):
             raise CheckpointError(f"{folder / ckpt.OPTIMIZER_FILE}: optimizer parameter groups do not match "
                                   f"the model's trainable parameters (frozen/trainable split changed?)")
         self.optimizer.load_state_dict(saved["state_dict"])

@@ -29,6 +29,14 @@ class OptimConfig:
     eps: float = _f(1e-5, "AdamW epsilon", (0.0, 1.0))
     weight_decay: float = _f(0.1, "decoupled weight decay; never applied to 1-D params (norms, biases)", (0.0, 10.0))
     grad_clip: float = _f(1.0, "clip the global gradient L2 norm to this value; 0 = off", (0.0, 1e6))
+    lr_scale: dict[str, float] = _f(None, "LR multipliers by parameter name: {substring: factor}; a parameter "
+                                    "takes the factor of the first key found in its name (e.g. "
+                                    "{cross_attn_attn_gate: 10.0}); 0 = never updated", factory=dict)
+
+    def __post_init__(self):
+        bad = {k: v for k, v in self.lr_scale.items() if not k or not isinstance(v, (int, float)) or v < 0}
+        if bad:
+            raise ValueError(f"key 'lr_scale': {bad}: each entry must be a non-empty name substring -> factor >= 0")
 
 
 @dataclass

@@ -1,9 +1,12 @@
-"""AdamW over the trainable parameters only, without weight decay on 1-D parameters (norms, biases).
+"""AdamW over the trainable parameters only, without weight decay on 1-D parameters (norms, biases), with
+optional per-parameter LR multipliers (``OptimConfig.lr_scale``: e.g. faster adapter gates).
 
 Frozen parameters (``requires_grad=False``) never enter a param group, so they get no optimizer state and
 are never stepped. Group order is fixed (decay first, then no-decay; each in ``named_parameters`` order), so
 the optimizer's integer parameter ids map to the same names in every run; ``param_group_names`` records it.
 """
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -12,23 +15,32 @@ from .config import OptimConfig
 from .errors import TrainingError
 
 
-def param_group_names(model: nn.Module) -> dict[str, list[str]]:
-    """``{"decay": [names of trainable >= 2-D params], "no_decay": [names of trainable 1-D params]}``."""
+def param_group_names(model: nn.Module, lr_scale: Optional[dict[str, float]] = None) -> dict[str, list[str]]:
+    """``{"decay": [names of trainable >= 2-D params], "no_decay": [names of trainable 1-D params]}``; with
+    ``lr_scale``, a parameter whose name contains one of its keys (the first that matches) goes to
+    ``"<decay|no_decay> x<factor> <key>"`` instead."""
     groups: dict[str, list[str]] = {"decay": [], "no_decay": []}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups["decay" if param.ndim >= 2 else "no_decay"].append(name)
-    if not groups["decay"] and not groups["no_decay"]:
+            group = "decay" if param.ndim >= 2 else "no_decay"
+            key = next((k for k in (lr_scale or {}) if k in name), None)
+            if key is not None:
+                group = f"{group} x{float(lr_scale[key]):g} {key}"
+            groups.setdefault(group, []).append(name)
+    if not any(groups.values()):
         raise TrainingError(f"{type(model).__name__} has no parameter with requires_grad=True: nothing to train")
     return groups
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """``torch.optim.AdamW`` with one group per non-empty entry of :func:`param_group_names`, in that order."""
+    """``torch.optim.AdamW`` with one group per non-empty entry of :func:`param_group_names`, in that order;
+    a scaled group's LR is ``optim.lr * factor`` (the schedule multiplies every group alike)."""
     params = dict(model.named_parameters())
     groups = []
-    for group_name, names in param_group_names(model).items():
+    for group_name, names in param_group_names(model, optim.lr_scale).items():
         if names:
-            wd = optim.weight_decay if group_name == "decay" else 0.0
-            groups.append({"params": [params[n] for n in names], "weight_decay": wd})
+            wd = optim.weight_decay if group_name.startswith("decay") else 0.0
+            key = group_name.split(" ", 2)[2] if " " in group_name else None
+            lr = optim.lr * (optim.lr_scale[key] if key is not None else 1.0)
+            groups.append({"params": [params[n] for n in names], "weight_decay": wd, "lr": lr})
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)

@@ -37,6 +37,32 @@ def test_frozen_params_never_reach_the_optimizer(tmp_path):
     assert len(opt.state) == sum(p.requires_grad for p in model.parameters())
 
 
+def test_lr_scale_groups_scale_the_lr_and_survive_a_resume(tmp_path):
+    optim = OptimConfig(lr=1e-2, weight_decay=0.1, lr_scale={"blocks.1": 10.0, "head.bias": 0.0})
+    sched = ScheduleConfig(warmup_steps=2, decay="cosine", min_lr_ratio=0.1)
+    model = make_model()
+    head_bias = model.head.bias.detach().clone()
+    engine = Engine(model, EngineConfig(), optim, sched, 6, tmp_path / "a")
+    groups = {(round(g["lr"] / engine.backend.optimizer.param_groups[0]["lr"], 6), g["weight_decay"]): len(g["params"])
+              for g in engine.backend.optimizer.param_groups}
+    n_block1 = [p.ndim >= 2 for n, p in model.named_parameters() if n.startswith("blocks.1")]
+    assert groups == {(1.0, 0.1): groups[(1.0, 0.1)], (1.0, 0.0): groups[(1.0, 0.0)],
+                      (10.0, 0.1): sum(n_block1), (10.0, 0.0): len(n_block1) - sum(n_block1), (0.0, 0.0): 1}
+    for step in range(3):
+        engine.train_step(split(make_rows(step, 4), 2), lm_loss)
+    lrs = [g["lr"] for g in engine.backend.optimizer.param_groups]
+    assert lrs[2] == pytest.approx(10 * lrs[0]) and engine.lr == pytest.approx(lrs[0])  # the schedule keeps the ratio
+    assert torch.equal(model.head.bias, head_bias)  # factor 0: never moves
+    engine.save_checkpoint({"next_step": 3})
+    again = Engine(make_model(seed=1), EngineConfig(), optim, sched, 6, tmp_path / "a")
+    assert again.resume() == {"next_step": 3}
+    assert [g["lr"] for g in again.backend.optimizer.param_groups] == pytest.approx(lrs)
+    with pytest.raises(Exception, match="parameter groups do not match"):  # a resume under other factors is refused
+        Engine(make_model(), EngineConfig(), OptimConfig(lr=1e-2), sched, 6, tmp_path / "a").resume()
+    with pytest.raises(ValueError, match="lr_scale"):
+        OptimConfig(lr_scale={"head": -1.0})
+
+
 def test_grad_accumulation_invariance(tmp_path):
     """1 x 8 rows vs 4 x 2 rows: the same token-weighted mean, the same update (fp32, to 1e-6)."""
     results = []

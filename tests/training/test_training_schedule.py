@@ -65,7 +65,7 @@ def test_config_fields_are_typed_with_help_and_ranges():
         for f in dataclasses.fields(cls):
             assert "help" in f.metadata, f"{cls.__name__}.{f.name} has no help"
             t = f.type
-            assert t in allowed or typing.get_origin(t) in (typing.Literal, list), f"{cls.__name__}.{f.name}: {t}"
+            assert t in allowed or typing.get_origin(t) in (typing.Literal, list, dict), f"{cls.__name__}.{f.name}: {t}"
     assert OptimConfig().betas == [0.9, 0.95]
     assert dict(dataclasses.fields(EngineConfig)[3].metadata)["range"] == (0, 3)
 
