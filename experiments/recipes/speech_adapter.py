@@ -389,6 +389,11 @@ def _finish(cfg, engine, trainer, tokenizer, meta, evaluate, eval_sets, notes, t
         summary[name] = {k: result[k] for k in ("n",) + metric_names + ("wer_basic",) if k in result}
         if cfg.task == "asr":
             summary[name]["baseline_wer"] = write["baseline_most_frequent"]["wer"]
+        if cfg.task == "asr" and trainer.ctc_head is not None:  # the encoder alone: is the LM path the bottleneck?
+            ctc_rows = speech_eval.ctc_transcribe(trainer.speech, trainer.ctc_head, trainer.blank, tokenizer,
+                                                  eval_sets[name][1], cfg.decode_batch_size)
+            ctc = speech_eval.score(cfg.task, ctc_rows, cfg.normalizer)[1]
+            summary[name].update(ctc_wer=ctc["wer"], ctc_cer=ctc["cer"])
     summary.update(notes)
     summary["final_eval_seconds"] = round(eval_seconds, 1)
     save_lm = cfg.language_model.preset is not None or cfg.language_model.copy_pretrain.steps > 0  # not as loaded

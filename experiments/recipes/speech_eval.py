@@ -309,3 +309,35 @@ def run(cfg: Config, run_dir: Path) -> dict:
                                                 "real_time_factor", "skipped") if k in result}
         print(f"herd: {name}: " + _summary_line(summary[name]), flush=True)
     return summary
+
+
+def ctc_greedy(ids: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
+    """Best-path CTC decoding: per-frame argmax ids (B, T) + valid lengths (B,) -> token ids per utterance
+    (repeats merged, then blanks dropped)."""
+    out = []
+    for row, n in zip(ids.tolist(), lengths.tolist()):
+        row = row[:n]
+        out.append([t for i, t in enumerate(row) if t != blank and (i == 0 or t != row[i - 1])])
+    return out
+
+
+@torch.no_grad()
+def ctc_transcribe(model: SpeechLanguageModel, ctc_head: torch.nn.Module, blank: int, tokenizer,
+                   dataset: SpeechDataset, batch_size: int) -> list[dict]:
+    """An auxiliary CTC head's (encoder states -> token logits) best-path transcripts of a data set: the encoder
+    alone, no adapter or LM. Rows like `transcribe`'s, for `score`."""
+    rows, device = [], next(ctc_head.parameters()).device
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(dataset), batch_size):
+        items = [it for it in (dataset[i] for i in range(start, min(start + batch_size, len(dataset)))) if it is not None]
+        if not items:
+            continue
+        batch = collate_speech(items)
+        features, lengths = model.features(batch["waveforms"].to(device), batch["lengths"].to(device))
+        hidden, hidden_lengths = model.encoder(features.to(model.encoder.stacker.proj.weight.dtype), lengths)
+        ids = ctc_greedy(ctc_head(hidden).argmax(-1), hidden_lengths, blank)
+        rows += [{"id": it["id"], "reference": it["text"], "hypothesis": tokenizer.decode(seq).strip(),
+                  "language": it["language"], "source": it["source"]} for it, seq in zip(items, ids)]
+    model.train(was_training)
+    return rows

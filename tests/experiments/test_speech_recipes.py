@@ -66,7 +66,7 @@ def test_speech_adapter_learns_and_writes_everything(data, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     heldout = summary["heldout"]
     assert heldout["n"] == 12 and heldout["wer"] <= 0.25 < heldout["baseline_wer"]  # baseline: 8/12 wrong
-    assert "not evaluated" in summary["extra"]
+    assert "not evaluated" in summary["extra"] and "ctc_wer" not in heldout  # no CTC head: no CTC score
     rows = [json.loads(x) for x in (run / "eval" / "heldout_hypotheses.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and {"reference", "hypothesis", "wer"} <= set(rows[0])
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -113,6 +113,16 @@ def test_speech_adapter_stop_and_resume_equals_uninterrupted(data, tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 6
     a, b = (load_file(str(r / "final" / "speech_model.safetensors")) for r in (full, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    heldout = json.loads((full / "summary.json").read_text())["heldout"]  # with CTC: the encoder alone is scored too
+    assert heldout["n"] == 12 and 0.0 <= heldout["ctc_cer"] and heldout["ctc_wer"] >= 0.0
+
+
+def test_ctc_greedy_merges_repeats_then_drops_blanks():
+    from experiments.recipes.speech_eval import ctc_greedy
+    blank = 9
+    ids = torch.tensor([[9, 3, 3, 9, 3, 4, 4, 9], [5, 5, 9, 5, 9, 9, 7, 7]])
+    assert ctc_greedy(ids, torch.tensor([8, 4]), blank) == [[3, 3, 4], [5, 5]]
+    assert ctc_greedy(ids, torch.tensor([0, 8]), blank) == [[], [5, 5, 7]]
 
 
 def test_bestrq_quantizer_saved_restored_and_encoder_reused(data, tmp_path):
