@@ -111,11 +111,14 @@ class SpeechLanguageModel(nn.Module):
         """waveforms (U, N) at 16 kHz + sample lengths -> log-mel features (U, F, n_mels), frame lengths (U,)."""
         return self.frontend(waveforms, lengths)
 
+    def encoder_states(self, features: torch.Tensor, lengths: torch.Tensor):
+        """features (U, F, n_mels) + lengths (U,) -> encoder states (U, F', enc_dim), lengths (U,). Features are
+        cast to the encoder's weight dtype (a DeepSpeed bf16 module holds bf16 weights)."""
+        return self.encoder(features.to(self.encoder.stacker.proj.weight.dtype), lengths)
+
     def encode_speech(self, features: torch.Tensor, lengths: torch.Tensor):
-        """features (U, F, n_mels) + lengths (U,) -> adapter outputs (U, L, lm_dim), lengths (U,) (placeholders).
-        Features are cast to the encoder's weight dtype (a DeepSpeed bf16 module holds bf16 weights)."""
-        hidden, hidden_lengths = self.encoder(features.to(self.encoder.stacker.proj.weight.dtype), lengths)
-        return self.adapter(hidden, hidden_lengths)
+        """features (U, F, n_mels) + lengths (U,) -> adapter outputs (U, L, lm_dim), lengths (U,) (placeholders)."""
+        return self.adapter(*self.encoder_states(features, lengths))
 
     def placeholder_count(self, n_feature_frames: int) -> int:
         """Placeholders the audio span of an utterance with `n_feature_frames` feature frames needs."""

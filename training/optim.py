@@ -2,8 +2,9 @@
 optional per-parameter LR multipliers (``OptimConfig.lr_scale``: e.g. faster adapter gates).
 
 Frozen parameters (``requires_grad=False``) never enter a param group, so they get no optimizer state and
-are never stepped. Group order is fixed (decay first, then no-decay; each in ``named_parameters`` order), so
-the optimizer's integer parameter ids map to the same names in every run; ``param_group_names`` records it.
+are never stepped. Group order is fixed (decay, no-decay, then scaled groups as first met; each in
+``named_parameters`` order), so the optimizer's integer parameter ids map to the same names in every run;
+``param_group_names`` records it.
 """
 
 from typing import Optional
@@ -15,6 +16,11 @@ from .config import OptimConfig
 from .errors import TrainingError
 
 
+def _scale_key(name: str, lr_scale: Optional[dict[str, float]]) -> Optional[str]:
+    """The first key of ``lr_scale`` found in the parameter name, or None."""
+    return next((k for k in (lr_scale or {}) if k in name), None)
+
+
 def param_group_names(model: nn.Module, lr_scale: Optional[dict[str, float]] = None) -> dict[str, list[str]]:
     """``{"decay": [names of trainable >= 2-D params], "no_decay": [names of trainable 1-D params]}``; with
     ``lr_scale``, a parameter whose name contains one of its keys (the first that matches) goes to
@@ -22,8 +28,7 @@ def param_group_names(model: nn.Module, lr_scale: Optional[dict[str, float]] = N
     groups: dict[str, list[str]] = {"decay": [], "no_decay": []}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            group = "decay" if param.ndim >= 2 else "no_decay"
-            key = next((k for k in (lr_scale or {}) if k in name), None)
+            group, key = "decay" if param.ndim >= 2 else "no_decay", _scale_key(name, lr_scale)
             if key is not None:
                 group = f"{group} x{float(lr_scale[key]):g} {key}"
             groups.setdefault(group, []).append(name)
@@ -37,10 +42,11 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     a scaled group's LR is ``optim.lr * factor`` (the schedule multiplies every group alike)."""
     params = dict(model.named_parameters())
     groups = []
-    for group_name, names in param_group_names(model, optim.lr_scale).items():
+    for names in param_group_names(model, optim.lr_scale).values():
         if names:
-            wd = optim.weight_decay if group_name.startswith("decay") else 0.0
-            key = group_name.split(" ", 2)[2] if " " in group_name else None
-            lr = optim.lr * (optim.lr_scale[key] if key is not None else 1.0)
-            groups.append({"params": [params[n] for n in names], "weight_decay": wd, "lr": lr})
+            first = params[names[0]]
+            key = _scale_key(names[0], optim.lr_scale)
+            groups.append({"params": [params[n] for n in names],
+                           "weight_decay": optim.weight_decay if first.ndim >= 2 else 0.0,
+                           "lr": optim.lr * (optim.lr_scale[key] if key is not None else 1.0)})
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)

@@ -211,7 +211,7 @@ class SpeechTrainer(nn.Module):
         self.ctc_head = nn.Linear(speech.encoder.config.dim, vocab_size + 1) if ctc_weight > 0 else None
 
     def forward(self, tokens, features, lengths, labels, ctc_targets=None, ctc_lengths=None):
-        hidden, hidden_lengths = self.speech.encoder(features.to(self.speech.encoder.stacker.proj.weight.dtype), lengths)
+        hidden, hidden_lengths = self.speech.encoder_states(features, lengths)
         speech, speech_lengths = self.speech.adapter(hidden, hidden_lengths)
         loss, n = self.speech.loss_sum(tokens, labels, speech=speech, speech_lengths=speech_lengths)
         if self.ctc_head is not None:

@@ -155,6 +155,20 @@ def reference(task: str, item: dict) -> str:
     return item["translation"]
 
 
+def _feature_batches(model: SpeechLanguageModel, dataset: SpeechDataset, batch_size: int, n: int):
+    """The first n utterances in length-sorted batches: yields (utterances done so far, kept [(index, item)],
+    features (U, F, n_mels), frame lengths (U,)); unloadable utterances are left out (and counted by the set)."""
+    device = next(model.parameters()).device
+    order = sorted(range(n), key=lambda i: dataset.utterances[i].duration or 0.0)
+    for start in range(0, n, batch_size):
+        indices = order[start:start + batch_size]
+        kept = [(i, it) for i, it in zip(indices, (dataset[i] for i in indices)) if it is not None]
+        if kept:
+            batch = collate_speech([it for _, it in kept])
+            features, lengths = model.features(batch["waveforms"].to(device), batch["lengths"].to(device))
+            yield min(start + batch_size, n), kept, features, lengths
+
+
 @torch.no_grad()
 def transcribe(loaded: LoadedSpeechModel, dataset: SpeechDataset, *, batch_size: int = 16,
                max_new_tokens: int = 64, language: Optional[str] = None, limit: Optional[int] = None,
@@ -162,20 +176,11 @@ def transcribe(loaded: LoadedSpeechModel, dataset: SpeechDataset, *, batch_size:
     """Greedy decoding of a data set (length-sorted batches); rows {"id", "reference", "hypothesis",
     "language", "source"} in the data set's order. Unloadable utterances are skipped (and counted by the set)."""
     model, prompter, task = loaded.model, loaded.prompter, loaded.prompter.task
-    device = next(model.parameters()).device
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    order = sorted(range(n), key=lambda i: dataset.utterances[i].duration or 0.0)
     rows: dict[int, dict] = {}
     was_training = model.training
     model.eval()
-    for start in range(0, n, batch_size):
-        indices = order[start:start + batch_size]
-        items = [dataset[i] for i in indices]
-        kept = [(i, it) for i, it in zip(indices, items) if it is not None]
-        if not kept:
-            continue
-        batch = collate_speech([it for _, it in kept])
-        features, lengths = model.features(batch["waveforms"].to(device), batch["lengths"].to(device))
+    for done, kept, features, lengths in _feature_batches(model, dataset, batch_size, n):
         prompts = [prompter.prompt(model.placeholder_count(int(f)), prompt_language(task, it, language))
                    for f, (_, it) in zip(lengths.tolist(), kept)]
         outputs = model.generate(prompts, features, lengths, max_new_tokens=max_new_tokens,
@@ -184,7 +189,7 @@ def transcribe(loaded: LoadedSpeechModel, dataset: SpeechDataset, *, batch_size:
             rows[i] = {"id": it["id"], "reference": reference(task, it), "hypothesis": loaded.tokenizer.decode(out),
                        "language": prompt_language(task, it, language), "source": it["source"]}
         if progress is not None:
-            progress(min(start + batch_size, n), n)
+            progress(done, n)
     model.train(was_training)
     return [rows[i] for i in sorted(rows)]
 
@@ -324,20 +329,15 @@ def ctc_greedy(ids: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[lis
 @torch.no_grad()
 def ctc_transcribe(model: SpeechLanguageModel, ctc_head: torch.nn.Module, blank: int, tokenizer,
                    dataset: SpeechDataset, batch_size: int) -> list[dict]:
-    """An auxiliary CTC head's (encoder states -> token logits) best-path transcripts of a data set: the encoder
-    alone, no adapter or LM. Rows like `transcribe`'s, for `score`."""
-    rows, device = [], next(ctc_head.parameters()).device
+    """An auxiliary CTC head's (encoder states -> token logits) best-path transcripts of an ASR data set: the
+    encoder alone, no adapter or LM. Rows like `transcribe`'s, for `score`."""
+    rows: dict[int, dict] = {}
     was_training = model.training
     model.eval()
-    for start in range(0, len(dataset), batch_size):
-        items = [it for it in (dataset[i] for i in range(start, min(start + batch_size, len(dataset)))) if it is not None]
-        if not items:
-            continue
-        batch = collate_speech(items)
-        features, lengths = model.features(batch["waveforms"].to(device), batch["lengths"].to(device))
-        hidden, hidden_lengths = model.encoder(features.to(model.encoder.stacker.proj.weight.dtype), lengths)
-        ids = ctc_greedy(ctc_head(hidden).argmax(-1), hidden_lengths, blank)
-        rows += [{"id": it["id"], "reference": it["text"], "hypothesis": tokenizer.decode(seq).strip(),
-                  "language": it["language"], "source": it["source"]} for it, seq in zip(items, ids)]
+    for _, kept, features, lengths in _feature_batches(model, dataset, batch_size, len(dataset)):
+        hidden, hidden_lengths = model.encoder_states(features, lengths)
+        for (i, it), seq in zip(kept, ctc_greedy(ctc_head(hidden).argmax(-1), hidden_lengths, blank)):
+            rows[i] = {"id": it["id"], "reference": it["text"], "hypothesis": tokenizer.decode(seq).strip(),
+                       "language": it["language"], "source": it["source"]}
     model.train(was_training)
-    return rows
+    return [rows[i] for i in sorted(rows)]

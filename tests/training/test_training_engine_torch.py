@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from training import Engine, EngineConfig, OptimConfig, ScheduleConfig, TrainingError
+from training import CheckpointError, Engine, EngineConfig, OptimConfig, ScheduleConfig, TrainingError
 
 from training_tiny import lm_loss, make_model, make_rows, split
 
@@ -57,7 +57,7 @@ def test_lr_scale_groups_scale_the_lr_and_survive_a_resume(tmp_path):
     again = Engine(make_model(seed=1), EngineConfig(), optim, sched, 6, tmp_path / "a")
     assert again.resume() == {"next_step": 3}
     assert [g["lr"] for g in again.backend.optimizer.param_groups] == pytest.approx(lrs)
-    with pytest.raises(Exception, match="parameter groups do not match"):  # a resume under other factors is refused
+    with pytest.raises(CheckpointError, match="parameter groups do not match"):  # a resume under other factors is refused
         Engine(make_model(), EngineConfig(), OptimConfig(lr=1e-2), sched, 6, tmp_path / "a").resume()
     with pytest.raises(ValueError, match="lr_scale"):
         OptimConfig(lr_scale={"head": -1.0})
