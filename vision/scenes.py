@@ -1,7 +1,7 @@
 """Procedural VQA scenes: coloured shapes, a rendered word and a handwritten digit, with exact answers.
 
     scene = generate_scene(7, split="train", seed=0)          # Scene: PIL image, caption, qa, objects
-    manifest = write_scene_dataset("data/scenes", 1000, split="heldout", seed=0)
+    manifest = write_scene_dataset("data/scenes", 1000, split="heldout", seed=0)   # or "valid" (i.i.d.)
     records = read_scene_dataset(manifest)                    # list[SceneRecord]
 
 A scene is a 3 x 3 grid of cells on a light background. 1-4 shapes (circle, square, triangle, star,
@@ -23,6 +23,8 @@ shape still appears in training with other partners. A "heldout" scene holds exa
 held-out pair, with a shape and a colour no other object in the scene has, and its colour, shape,
 position and yes/no questions are asked about that object; answering them needs the unseen combination.
 Held-out scenes also use other handwriting: digits i % 5 == 0 of `load_digits()` are held-out, the rest train.
+"valid" scenes are new scenes of the training distribution (training pairs and handwriting, their own random
+stream): the i.i.d. test set, where "heldout" is the compositional one (like CLEVR-CoGenT's condition B).
 
 Determinism: scene `index` of (`split`, `seed`) depends on nothing else (its own `random.Random`), so
 scenes can be generated in any order or in parallel.
@@ -48,7 +50,7 @@ WORDS = ("cat", "dog", "sun", "cup", "hat", "box", "pen", "map", "key", "car",
 DEFAULT_HELDOUT = (("red", "circle"), ("green", "square"), ("blue", "triangle"),
                    ("yellow", "star"), ("purple", "diamond"))
 QA_TYPES = ("color", "shape", "count", "position", "text", "yesno")
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "valid", "heldout")
 GRID = 3
 ROW_NAMES, COL_NAMES = ("top", "middle", "bottom"), ("left", "center", "right")
 INK = (25, 25, 25)

@@ -208,9 +208,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
     tiling = TilingConfig(tile_size=vision.image_size, max_tiles=vision.max_num_tiles, max_images=cfg.model.max_images)
     fmt = PromptFormat(tokenizer, model.config.image_token_id, cfg.prompt, model.config.language.max_seq_len)
     train = training_samples(cfg.data, tiling, cfg.seed)
-    heldout = training_samples(cfg.data, tiling, cfg.seed, split="heldout")
-    items = (manifest_vqa_items(cfg.data.eval_manifest, tiling) if cfg.data.eval_manifest
-             else scene_vqa_items(cfg.data.scenes))
+    # evaluation sets: the eval manifest, or one per scene split (the first drives periodic evals and eval_loss)
+    splits = ["manifest"] if cfg.data.eval_manifest else list(cfg.data.scenes.eval_splits)
+    heldout = training_samples(cfg.data, tiling, cfg.seed, split=splits[0] if splits[0] != "manifest" else "heldout")
+    eval_sets = ({"manifest": manifest_vqa_items(cfg.data.eval_manifest, tiling)} if cfg.data.eval_manifest
+                 else {split: scene_vqa_items(cfg.data.scenes, split) for split in splits})
+    items = eval_sets[splits[0]]
     collate = ImageTextCollator(model.config.image_token_id, tiling, model.config.image_token_policy, fmt.pad_id)
     counts = parameter_counts(model)
     engine = Engine(model, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)
@@ -237,17 +240,18 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 total, tokens = total + float(loss), tokens + int(n)
         return total / max(tokens, 1)
 
-    def evaluate(step: int, final: bool = False) -> dict:
+    def evaluate(step: int, final: bool = False, split: str = splits[0]) -> dict:
         limit = cfg.eval.final_questions if final else cfg.eval.questions
-        subset = items[:limit] if limit else items
+        subset = eval_sets[split][:limit] if limit else eval_sets[split]
         modes = ["image"] + (list(cfg.eval.controls) if final else [])
         results = evaluate_vqa(engine.module, fmt, subset, tiling, modes=modes, batch_size=cfg.eval.batch_size,
                                max_new_tokens=cfg.eval.max_new_tokens)
-        record = {"eval_vqa_accuracy": results["image"]["accuracy"]}
-        record.update({f"eval_vqa/{t}": a for t, a in results["image"]["per_type"].items()})
+        prefix = "eval" if split == splits[0] else f"eval_{split}"
+        record = {f"{prefix}_vqa_accuracy": results["image"]["accuracy"]}
+        record.update({f"{prefix}_vqa/{t}": a for t, a in results["image"]["per_type"].items()})
         for control in modes[1:]:
-            record[f"eval_{control}_accuracy"] = results[control]["accuracy"]
-        if cfg.eval.loss_batches:
+            record[f"{prefix}_{control}_accuracy"] = results[control]["accuracy"]
+        if cfg.eval.loss_batches and split == splits[0]:
             record["eval_loss"] = heldout_loss()
         logger.log(step, record)
         return {"results": results, "items": subset}
@@ -275,12 +279,15 @@ def run(cfg: Config, run_dir: Path) -> dict:
             return stopped
     progress.close()
 
-    final = evaluate(cfg.steps, final=True)
+    finals = {split: evaluate(cfg.steps, final=True, split=split) for split in splits}
+    final = finals[splits[0]]
     summary = {"steps": cfg.steps, "samples_seen": cfg.steps * cfg.batch_size, "skipped_steps": state["skipped"],
                "trainable_parameters": sum(c["trainable"] for c in counts.values()),
                "frozen_lm_parameters": counts["language_model"]["total"], "language_model": meta["language_model"],
-               "eval_questions": len(final["items"])}
-    summary.update(summarize(final["results"]))
+               "eval_split": splits[0], "eval_questions": len(final["items"])}
+    summary.update(summarize(final["results"]))  # the first split's figures at the top level
+    for split in splits[1:]:
+        summary[split] = {"eval_questions": len(finals[split]["items"]), **summarize(finals[split]["results"])}
     if lm_digest is not None:
         summary["language_model_unchanged"] = weights_digest(engine.module.language_model) == lm_digest
         summary["language_model_sha256"] = lm_digest
@@ -291,7 +298,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
         export = {**non_language_state(engine.module), **{k: v for k, v in weights.items()
                                                           if not k.startswith("language_model.")}}
         save_image_model(run_dir / "final", export, meta)
-        write_predictions(run_dir / "predictions.jsonl", final["items"], final["results"])
+        for split in splits:
+            name = "predictions.jsonl" if split == splits[0] else f"predictions_{split}.jsonl"
+            write_predictions(run_dir / name, finals[split]["items"], finals[split]["results"])
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     engine.close()
     return summary

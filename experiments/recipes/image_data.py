@@ -47,7 +47,8 @@ class PromptSection:
 
 @dataclass
 class ScenesSection:
-    """Procedural scenes (vision/scenes.py): training scenes from split "train", evaluation from "heldout"."""
+    """Procedural scenes (vision/scenes.py): training scenes from split "train"; evaluation on `eval_splits`:
+    "valid" (new scenes of the training distribution) and/or "heldout" (colour-shape pairs never trained on)."""
     image_size: int = field(default=112, metadata={"range": (24, None)})
     min_objects: int = field(default=1, metadata={"range": (1, 7)})
     max_objects: int = field(default=4, metadata={"range": (1, 7)})
@@ -56,13 +57,19 @@ class ScenesSection:
     qa_types: list[str] = field(default_factory=lambda: list(QA_TYPES), metadata={"help": f"of {', '.join(QA_TYPES)}"})
     qa_per_type: int = field(default=1, metadata={"range": (1, None)})
     train_scenes: int = field(default=0, metadata={"range": (0, None), "help": "0 = a new scene for every sample"})
-    eval_scenes: int = field(default=200, metadata={"range": (1, None), "help": "held-out scenes for evaluation"})
+    eval_scenes: int = field(default=200, metadata={"range": (1, None), "help": "scenes per evaluation split"})
+    eval_splits: list[str] = field(default_factory=lambda: ["heldout"], metadata={
+        "help": "evaluation splits, the first drives periodic evals and eval_loss: heldout (unseen colour-shape "
+                "pairs), valid (new scenes of the training distribution)"})
     seed: int = 0
 
     def __post_init__(self):
         bad = [t for t in self.qa_types if t not in QA_TYPES]
         if bad or not self.qa_types:
             raise ValueError(f"key 'qa_types': {bad or 'empty'}; choose from {list(QA_TYPES)}")
+        wrong = [s for s in self.eval_splits if s not in ("heldout", "valid")]
+        if wrong or not self.eval_splits or len(set(self.eval_splits)) < len(self.eval_splits):
+            raise ValueError(f"key 'eval_splits': {self.eval_splits}; distinct names of heldout, valid")
         self.scene_config()
 
     def scene_config(self) -> SceneConfig:

@@ -38,8 +38,9 @@ class CopyPretrainSection:
     silence_max: int = field(default=2, metadata={"range": (0, None), "help": "most zero vectors before/after"})
     noise: float = field(default=0.0, metadata={
         "range": (0.0, 10.0), "help": "Gaussian noise on the span, times the embedding std"})
-    fill: Literal["repeat", "silence"] = field(default="repeat", metadata={
-        "help": "a token's further placeholders: repeats of it (ambiguous counts: 'zero zero' vs 'zero') or zeros"})
+    fill: Literal["repeat", "silence", "repeat_gap"] = field(default="repeat", metadata={
+        "help": "a token's further placeholders: repeats of it (ambiguous counts: 'zero zero' vs 'zero'), zeros, "
+                "or repeats followed by one zero vector (a boundary: 'zero zero' = 2 runs)"})
     random_words: float = field(default=0.0, metadata={
         "range": (0.0, 1.0), "help": "fraction of examples that copy a random word sequence (1 to the longest "
                                     "transcript's length, words of the transcripts) instead of a transcript"})
@@ -73,7 +74,9 @@ def copy_batch(prompter: SpeechPrompter, token_ids: Sequence[Sequence[int]], tex
         span = [-1] * rng.randint(0, section.silence_max)
         for t in ids:
             n = rng.randint(section.repeat_min, section.repeat_max)
-            span += [t] * n if section.fill == "repeat" else [t] + [-1] * (n - 1)
+            span += [t] * n if section.fill != "silence" else [t] + [-1] * (n - 1)
+            if section.fill == "repeat_gap":
+                span.append(-1)
         span += [-1] * rng.randint(0, section.silence_max)
         if not span:
             span = [-1]

@@ -123,7 +123,8 @@ def summarize(results: dict) -> dict:
 class EvalData:
     format: Literal["scenes", "manifest", "vqav2", "textvqa", "docvqa", "chartqa"] = field(default="scenes", metadata={
         "help": "procedural scenes, a JSONL manifest with qa, or a benchmark annotation file"})
-    split: Literal["heldout", "train"] = field(default="heldout", metadata={"help": "scenes split"})
+    split: Literal["heldout", "valid", "train"] = field(default="heldout", metadata={
+        "help": "scenes split: heldout (unseen colour-shape pairs), valid (new training-distribution scenes)"})
     scenes: Optional[ScenesSection] = field(default=None, metadata={"help": "null = the trained run's data.scenes"})
     annotations: Optional[ExistingPath] = field(default=None, metadata={
         "help": "manifest JSONL, or the benchmark JSON (VQAv2: the questions file)"})

@@ -57,7 +57,8 @@ def chain(tmp_path_factory):
             "data": {"scenes": {"image_size": 28}, "eval_pairs": 8}, "steps": 4, "batch_size": 8,
             "schedule": {"warmup_steps": 1}, "eval_every": 2, "checkpoint_every": 4}
     assert main(["run", str(write(root / "clip.yaml", clip))]) == 0
-    cfg = adapter_cfg(root, **{"model.vision": {"init_from": str(root / "runs" / "clip" / "latest")}})
+    cfg = adapter_cfg(root, **{"model.vision": {"init_from": str(root / "runs" / "clip" / "latest")},
+                               "data.scenes.eval_splits": ["valid", "heldout"]})
     assert main(["run", str(write(root / "adapter.yaml", cfg))]) == 0
     return root
 
@@ -104,6 +105,14 @@ def test_image_adapter_writes_everything_and_keeps_the_lm_frozen(chain):
     assert not any(k.startswith("language_model.") for k in load_file(ckpt / "model.safetensors"))
     rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert rows and {"image", "blind", "blank"} <= set(rows[0])
+    # two evaluation splits: the first (valid, i.i.d.) at the top level, the compositional one nested
+    assert summary["eval_split"] == "valid" and all(r["question_id"].startswith("valid/") for r in rows)
+    assert {"vqa_accuracy", "blank_accuracy", "points_over_blind"} <= set(summary["heldout"])
+    heldout = [json.loads(line) for line in (run / "predictions_heldout.jsonl").read_text().splitlines()]
+    assert len(heldout) == summary["heldout"]["eval_questions"]
+    assert all(r["question_id"].startswith("heldout/") for r in heldout)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_heldout_vqa_accuracy" in r for r in records) and any("eval_vqa_accuracy" in r for r in records)
 
 
 def test_stop_and_resume_equals_an_uninterrupted_run(chain, tmp_path):

@@ -234,6 +234,14 @@ def test_copy_batch_puts_each_token_repeated_between_silences(data):
         assert int((tokens[i] == ids.placeholder_id).sum()) == lengths[i]
         answer = [t for t in labels[i].tolist() if t != IGNORE_INDEX]
         assert tokenizer.decode(answer).strip().startswith(text)
+    # repeat_gap: a token's run ends with one zero vector, so "one one" is two runs, never one long one
+    gap = CopyPretrainSection(steps=1, repeat_min=2, repeat_max=3, silence_max=0, fill="repeat_gap")
+    ids_twice = tokenizer.encode("one one")
+    _, _, span_ids, lengths = copy_batch(prompter, [ids_twice], ["one one"], gap, _random.Random(0))
+    span = span_ids[0, :lengths[0]].tolist()
+    runs = "".join("x" if t >= 0 else "." for t in span).split(".")
+    assert span[-1] == -1 and span.count(-1) == len(ids_twice)
+    assert len(runs[:-1]) == len(ids_twice) and all(len(r) in (2, 3) for r in runs[:-1])
 
     pool = ["one two", "three"]
     rng = _random.Random(0)

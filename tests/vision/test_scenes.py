@@ -62,7 +62,7 @@ def test_deterministic_and_order_independent():
     assert not np.array_equal(np.asarray(other.image), np.asarray(a.image))
 
 
-@pytest.mark.parametrize("split", ["train", "heldout"])
+@pytest.mark.parametrize("split", ["train", "valid", "heldout"])
 def test_answers_match_the_drawn_scene(split):
     config = SceneConfig(image_size=84)
     types = Counter()
@@ -84,8 +84,8 @@ def test_answers_match_the_drawn_scene(split):
     assert set(types) == set(QA_TYPES)
 
 
-def test_heldout_pairs_never_in_training():
-    for scene in generate_scenes(300, "train", seed=1):
+def test_heldout_pairs_never_in_training_or_valid():
+    for scene in [*generate_scenes(300, "train", seed=1), *generate_scenes(100, "valid", seed=1)]:
         assert not any((o.color, o.shape) in HELDOUT for o in scene.objects)
         for qa in scene.qa:
             assert not any(f"{c} {s}" in qa.question for c, s in HELDOUT), qa
@@ -102,6 +102,9 @@ def test_heldout_pairs_never_in_training():
         if "position" in by_type:
             assert novel.name in by_type["position"].question
         assert scene.digit is None or scene.digit_index % 5 == 0
+    # "valid" = new scenes of the training distribution, not copies of training scenes
+    train_images = {np.asarray(s.image).tobytes() for s in generate_scenes(300, "train", seed=1)}
+    assert not any(np.asarray(s.image).tobytes() in train_images for s in generate_scenes(100, "valid", seed=1))
 
 
 def test_answer_balance_and_speed():
