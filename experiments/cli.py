@@ -189,20 +189,12 @@ def _cmd_chat(args, _) -> int:
 
 
 def entry() -> None:
-    """The `herd` console script: main(), then, under a multi-process launcher, exit without interpreter teardown.
-
-    gloo/DeepSpeed threads sometimes abort a finished rank at interpreter exit ("terminate called without an
-    active exception", SIGABRT; ~4% of 2-rank CPU runs, ../shared/ENVIRONMENT.md), which the launcher then
-    reports as a failed run although everything was saved. By the time main() returns, every engine is closed
-    and every checkpoint written; logs are flushed here before leaving.
-    """
+    """The `herd` console script: main(); under a multi-process launcher a finished rank then leaves without
+    interpreter teardown (training.distributed.exit_without_teardown: an abort there would fail a saved run)."""
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import logging
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(int(code or 0))
+        from training.distributed import exit_without_teardown
+        exit_without_teardown(int(code or 0))
     sys.exit(code)
 
 

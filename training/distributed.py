@@ -124,3 +124,17 @@ def init_distributed() -> bool:
         torch.cuda.set_device(env_world()[2])
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return True
+
+
+def exit_without_teardown(code: int = 0) -> None:
+    """Leave a finished rank now: flush logs and stdio, then ``os._exit(code)`` (no interpreter teardown).
+
+    gloo/DeepSpeed threads sometimes abort a rank at interpreter exit, after all its work is done ("terminate
+    called without an active exception", SIGABRT; ~4% of 2-rank CPU runs, ../shared/ENVIRONMENT.md), and the
+    launcher then reports the whole run as failed. Call only once every engine is closed and every file written.
+    """
+    import logging
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -209,11 +209,14 @@ def run(cfg: Config, run_dir: Path) -> dict:
     fmt = PromptFormat(tokenizer, model.config.image_token_id, cfg.prompt, model.config.language.max_seq_len)
     train = training_samples(cfg.data, tiling, cfg.seed)
     # evaluation sets: the eval manifest, or one per scene split (the first drives periodic evals and eval_loss)
-    splits = ["manifest"] if cfg.data.eval_manifest else list(cfg.data.scenes.eval_splits)
-    heldout = training_samples(cfg.data, tiling, cfg.seed, split=splits[0] if splits[0] != "manifest" else "heldout")
-    eval_sets = ({"manifest": manifest_vqa_items(cfg.data.eval_manifest, tiling)} if cfg.data.eval_manifest
-                 else {split: scene_vqa_items(cfg.data.scenes, split) for split in splits})
-    items = eval_sets[splits[0]]
+    if cfg.data.eval_manifest:
+        splits, eval_sets = ["manifest"], {"manifest": manifest_vqa_items(cfg.data.eval_manifest, tiling)}
+    else:
+        splits = list(cfg.data.scenes.eval_splits)
+        eval_sets = {split: scene_vqa_items(cfg.data.scenes, split) for split in splits}
+    # eval_loss samples: the eval manifest (any split name but "train" selects it), or the first split's scenes
+    loss_split = "heldout" if cfg.data.eval_manifest else splits[0]
+    loss_samples = training_samples(cfg.data, tiling, cfg.seed, split=loss_split)
     collate = ImageTextCollator(model.config.image_token_id, tiling, model.config.image_token_policy, fmt.pad_id)
     counts = parameter_counts(model)
     engine = Engine(model, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)
@@ -235,7 +238,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         total, tokens = 0.0, 0
         with torch.no_grad():
             for b in range(cfg.eval.loss_batches):
-                batch = engine.backend.prepare_batch(collate(batch_at(b, cfg.batch_size, heldout, "heldout")))
+                batch = engine.backend.prepare_batch(collate(batch_at(b, cfg.batch_size, loss_samples, "heldout")))
                 loss, n = loss_fn(engine.model, batch)
                 total, tokens = total + float(loss), tokens + int(n)
         return total / max(tokens, 1)

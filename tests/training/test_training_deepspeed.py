@@ -163,6 +163,7 @@ def test_two_processes_through_the_deepspeed_launcher(tmp_path):
            str(HERE / "training_two_ranks.py"), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("trained, saved and closed") == 2, proc.stdout[-3000:]  # both ranks ran to the end
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert w0["losses"] == w1["losses"] and w0["steps"] == 3
