@@ -6,7 +6,9 @@ One recipe, three paper stages, chosen by the YAML:
 - SFT (`prompt.style: chat`: questions in the LM's chat format, loss on the assistant tokens only, and
   `model.language.swap_to` hot-swaps the instruct LM in).
 The LM is always frozen (its weights are checked bit-identical at the end); the encoder and adapters train
-per `model.freeze`. Engine checkpoints hold only trainable weights; the run records the frozen LM's path.
+per `model.freeze`. A random preset LM can first learn the task's text alone (`model.language.prior_pretrain`,
+image_lm_prior.py), as the paper's LM arrives knowing language. Engine checkpoints hold only trainable
+weights; the run records the frozen LM's path.
 Held-out VQA accuracy (greedy short answers, exact match after VQA normalisation, per question type) is
 logged every `eval.every` steps, and the final evaluation adds the image-blind and blank-image controls.
 `final/` holds every non-LM weight (`adapter.safetensors`) and `model.json` (see image_common.py).
@@ -29,9 +31,9 @@ from safetensors.torch import load_file
 from adapters.freezing import parameter_counts
 from adapters.image_tokens import IGNORE_INDEX, ImageTextCollator
 from adapters.vision_language import BATCH_INPUTS, VisionLanguageModel
-from language.checkpoints import load_pretrained
+from language.checkpoints import load_pretrained, save_hf
 from language.tokenizer import load_tokenizer
-from training.config import EngineConfig, OptimConfig, ScheduleConfig
+from training.config import EngineConfig, OptimConfig, ScheduleConfig, validate
 from training.distributed import is_rank0
 from training.engine import Engine
 from training.metrics import MetricsLogger, plot_curves
@@ -46,6 +48,7 @@ from .image_common import (ADAPTER_FILE, MODEL_FILE, ModelSection, _from_record,
                            build_encoder, build_language, composed_config, find_model_folder, non_language_state,
                            resolve_path, save_image_model)
 from .image_data import DataSection, PromptFormat, PromptSection, manifest_vqa_items, scene_vqa_items, training_samples
+from .image_lm_prior import prior_pretrain, without_image
 from .vqa_eval import evaluate_vqa, summarize, write_predictions
 
 
@@ -188,6 +191,34 @@ def training_texts(cfg: Config, n_scenes: int = 2000) -> list[str]:
     return texts
 
 
+PRIOR_FILE = "prior_pretrain.json"
+
+
+def _prior_stage(cfg: Config, model: VisionLanguageModel, fmt: PromptFormat, train, collate, run_dir: Path) -> dict:
+    """model.language.prior_pretrain: train the run's random LM on the training samples' text alone
+    (image_lm_prior.py) before the engine takes the trainable parameters, and save it over
+    run_dir/language_model (the LM this run records), with PRIOR_FILE beside it. A resumed run has loaded that
+    LM already (build_language) and skips the stage. {} when off."""
+    section = cfg.model.language.prior_pretrain
+    if not section.steps:
+        return {}
+    lm_dir = run_dir / "language_model"
+    if (lm_dir / PRIOR_FILE).is_file():
+        return json.loads((lm_dir / PRIOR_FILE).read_text())
+    validate(cfg.engine, cfg.optim, cfg.schedule, cfg.steps)  # fail before the stage, not after it
+
+    def batch_at(step: int, rng: random.Random) -> dict:
+        first = step * section.batch_size
+        return collate([without_image(fmt.training_sample(train[i], cfg.data.task, cfg.data.qa_per_sample, rng),
+                                      model.config.image_token_id) for i in range(first, first + section.batch_size)])
+
+    note = prior_pretrain(model, batch_at, loss_fn, section)
+    if is_rank0():
+        save_hf(model.language_model, lm_dir)
+        (lm_dir / PRIOR_FILE).write_text(json.dumps(note) + "\n")
+    return note
+
+
 def weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -203,7 +234,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     model, tokenizer, meta = build_model(cfg, run_dir)
     zero3 = cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3
-    lm_digest = None if zero3 else weights_digest(model.language_model)
     vision = model.config.vision
     tiling = TilingConfig(tile_size=vision.image_size, max_tiles=vision.max_num_tiles, max_images=cfg.model.max_images)
     fmt = PromptFormat(tokenizer, model.config.image_token_id, cfg.prompt, model.config.language.max_seq_len)
@@ -218,6 +248,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     loss_split = "heldout" if cfg.data.eval_manifest else splits[0]
     loss_samples = training_samples(cfg.data, tiling, cfg.seed, split=loss_split)
     collate = ImageTextCollator(model.config.image_token_id, tiling, model.config.image_token_policy, fmt.pad_id)
+    prior_note = _prior_stage(cfg, model, fmt, train, collate, run_dir)
+    lm_digest = None if zero3 else weights_digest(model.language_model)
     counts = parameter_counts(model)
     engine = Engine(model, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)
     if is_rank0():
@@ -288,6 +320,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
                "trainable_parameters": sum(c["trainable"] for c in counts.values()),
                "frozen_lm_parameters": counts["language_model"]["total"], "language_model": meta["language_model"],
                "eval_split": splits[0], "eval_questions": len(final["items"])}
+    if prior_note:
+        summary["prior_pretrain"] = prior_note
     summary.update(summarize(final["results"]))  # the first split's figures at the top level
     for split in splits[1:]:
         summary[split] = {"eval_questions": len(finals[split]["items"]), **summarize(finals[split]["results"])}

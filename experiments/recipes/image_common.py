@@ -31,6 +31,7 @@ from vision.open_clip_convert import config_from_open_clip, load_open_clip_visua
 from vision.tiling import supported_aspect_ratios
 
 from ..config import ConfigError
+from .image_lm_prior import PriorPretrainSection
 
 MODEL_FILE, ADAPTER_FILE = "model.json", "adapter.safetensors"
 ENCODER_FILE, ENCODER_CONFIG = "encoder.safetensors", "vision_config.json"
@@ -82,12 +83,17 @@ class LanguageSection:
     tokenizer_vocab_size: int = field(default=512, metadata={"range": (300, None), "help": "size of that BPE"})
     swap_to: Optional[str] = field(default=None, metadata={
         "help": "hot-swap this LM in after loading the earlier stage (paper: the instruct LM for SFT)"})
+    prior_pretrain: PriorPretrainSection = field(default_factory=PriorPretrainSection, metadata={
+        "help": "train the random preset LM on the task's text alone first (image_lm_prior.py), then freeze it"})
 
     def __post_init__(self):
         for key in ("path", "tokenizer", "swap_to"):
             _check_path(getattr(self, key), key)
         if self.path and self.init_std is not None:
             raise ValueError("key 'init_std' applies to a random preset LM (path: null), not to a checkpoint")
+        if self.prior_pretrain.steps and (self.path or self.swap_to):
+            raise ValueError("key 'prior_pretrain' trains a random preset LM (path: null, no swap_to); a "
+                             "checkpoint LM already knows language and stays as loaded")
 
 
 VISION_OVERRIDES = ("image_size", "patch_size", "width", "n_layers", "n_heads", "mlp_dim", "n_global_layers",
@@ -159,6 +165,9 @@ class ModelSection:
 
     def __post_init__(self):
         _check_path(self.init_from, "init_from")
+        if self.init_from and self.language.prior_pretrain.steps:
+            raise ValueError("key 'language.prior_pretrain' builds a new LM, but init_from reuses the earlier "
+                             "stage's LM: set steps 0 (the earlier stage's prior-trained LM is kept)")
 
 
 # ---------------------------------------------------------------------------------------------- building

@@ -184,6 +184,37 @@ def test_vqa_eval_on_scenes_and_a_vqav2_file(chain, tmp_path):
     assert summary["metric"] == "vqa" and summary["questions"] == 2
 
 
+def test_lm_prior_stage_trains_the_random_lm_on_text_then_freezes_it_and_a_resume_reuses_it(chain, tmp_path, capsys):
+    from experiments.recipes.image_adapter import weights_digest
+    from language.checkpoints import load_pretrained
+    cfg = adapter_cfg(tmp_path, "prior", **{"model.language.prior_pretrain": {"steps": 30, "batch_size": 4,
+                                                                              "warmup_steps": 1, "lr": 1e-2}})
+    path = write(tmp_path / "prior.yaml", cfg)
+    assert main(["run", str(path)]) == 0
+    (full,) = runs_of(tmp_path, "prior")
+    summary = json.loads((full / "summary.json").read_text())
+    note = summary["prior_pretrain"]
+    assert note["prior_loss_last"] < note["prior_loss_first"]
+    # the recorded LM is the prior-trained one (not the seed's random LM of the plain run), unchanged since
+    lm = load_pretrained(full / "language_model")
+    (plain,) = runs_of(chain, "img")
+    assert weights_digest(lm) != weights_digest(load_pretrained(plain / "language_model"))
+    assert summary["language_model_unchanged"] and weights_digest(lm) == summary["language_model_sha256"]
+    cfg["output_dir"] = str(tmp_path / "again")
+    path = write(tmp_path / "again.yaml", cfg)
+    assert main(["run", str(path), "stop_after_steps=3"]) == 0
+    assert main(["run", str(path), "resume=true"]) == 0
+    run = sorted(p for p in (tmp_path / "again" / "prior").glob("*") if not p.is_symlink())[0]
+    assert losses(run) == losses(full)
+    assert json.loads((run / "summary.json").read_text())["language_model_sha256"] == summary["language_model_sha256"]
+    # a checkpoint LM is never prior-trained here
+    bad = write(tmp_path / "bad.yaml", {**cfg, "model": {**cfg["model"], "language": {
+        "path": str(tmp_path), "prior_pretrain": {"steps": 2}}}})
+    capsys.readouterr()
+    assert main(["run", str(bad)]) == 2
+    assert "'prior_pretrain' trains a random preset LM" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("override,message", [
     ("model.vison.preset=tiny", "unknown key 'model.vison'; did you mean 'model.vision'?"),
     ("model.language.path=/nowhere/lm", "path '/nowhere/lm' does not exist"),
