@@ -35,6 +35,10 @@ class SpeechAdapterConfig:
     rope_theta: float = field(default=10000.0, metadata={"range": (1.0, None), "help": "rotary base"})
     dropout: float = field(default=0.0, metadata={"range": (0.0, 1.0), "help": "attention / FFN dropout"})
     norm_eps: float = field(default=1e-5, metadata={"range": (0.0, 1.0), "help": "LayerNorm epsilon"})
+    span_position: float = field(default=0.0, metadata={
+        "range": (0.0, 100.0), "help": "amplitude (in LM token-embedding stds) of a fixed sinusoidal code of each "
+                                       "placeholder's index in its audio span, added to the adapter outputs "
+                                       "(speech_language.span_position_code); 0 = off"})
 
     def __post_init__(self):
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:

@@ -19,6 +19,7 @@ the LM's KV cache: the speech embeddings are computed once at prefill.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -57,6 +58,19 @@ def audio_token_base(language_model: nn.Module) -> int:
     raise TypeError(f"{type(language_model).__name__}: expected a language.Llama or a VisionLanguageModel")
 
 
+def span_position_code(length: int, dim: int, base: float = 100.0, device=None) -> torch.Tensor:
+    """(length, dim) fixed sinusoidal code of positions 0..length-1 (sin on even, cos on odd channels), unit
+    amplitude. Added to an audio span's placeholders, it makes a value the LM copies carry where it was read, which
+    rotary attention alone does not: a copier then finds the next token by position, not only by content (a digit
+    that recurs in a string otherwise sends it back to the first occurrence)."""
+    position = torch.arange(length, dtype=torch.float32, device=device)[:, None]
+    frequency = torch.exp(-math.log(base) * torch.arange(0, dim, 2, device=device) / dim)
+    code = torch.zeros(length, dim, device=device)
+    code[:, 0::2] = torch.sin(position * frequency)
+    code[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return code
+
+
 class SpeechLanguageModel(nn.Module):
     """Front end + Conformer + adapter around a frozen LM.
 
@@ -75,8 +89,7 @@ class SpeechLanguageModel(nn.Module):
         self.adapter = adapter
         self.frontend = frontend if frontend is not None else LogMelFrontend()
         self.audio_marker_embeddings = nn.Embedding(2, lm_dim)  # row 0: start, row 1: end
-        token_embeddings = language_model.get_submodule(
-            "model.embed_tokens" if isinstance(language_model, Llama) else "language_model.model.embed_tokens")
+        token_embeddings = self.token_embeddings()
         with torch.no_grad():  # at the scale of the LM's own token embeddings
             nn.init.normal_(self.audio_marker_embeddings.weight, std=float(token_embeddings.weight.float().std()))
         base = audio_token_base(language_model)
@@ -101,6 +114,10 @@ class SpeechLanguageModel(nn.Module):
     def speech_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but the language model (encoder, adapter, markers, front-end statistics)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("language_model.")}
+
+    def token_embeddings(self) -> nn.Embedding:
+        lm = self.language_model
+        return lm.get_submodule("model.embed_tokens" if isinstance(lm, Llama) else "language_model.model.embed_tokens")
 
     @property
     def lm_config(self):
@@ -130,6 +147,11 @@ class SpeechLanguageModel(nn.Module):
         embeddings at start/end tokens and the adapter outputs at the placeholders; plus the tokens with
         every audio id replaced by 0 (what the wrapped model's own embedding may read)."""
         ids = self.audio_tokens
+        amplitude = self.adapter.config.span_position
+        if amplitude > 0:  # at the scale of the LM's token embeddings now (a copy stage may still be training them)
+            std = float(self.token_embeddings().weight.detach().float().std())
+            code = span_position_code(speech.shape[1], speech.shape[-1], device=speech.device)
+            speech = speech + (amplitude * std * code).to(speech.dtype)
         _, speech_values = speech_inputs(tokens, speech, speech_lengths, ids)  # validates spans vs lengths
         where = (tokens == ids.start_id) | (tokens == ids.placeholder_id) | (tokens == ids.end_id)
         kinds = tokens[where]

@@ -83,6 +83,9 @@ class AdapterSection:
     n_heads: Optional[int] = field(default=None, metadata={"range": (1, None)})
     ffn_dim: Optional[int] = field(default=None, metadata={"range": (1, None)})
     dropout: Optional[float] = field(default=None, metadata={"range": (0.0, 1.0)})
+    span_position: Optional[float] = field(default=None, metadata={
+        "range": (0.0, 100.0), "help": "a fixed position code on every placeholder, in LM embedding stds (0 = off): "
+                                       "a copied value then tells the LM where in the span it was read"})
 
 
 @dataclass

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from adapters.speech_adapter import SpeechAdapter
 from adapters.speech_adapter import preset as adapter_preset
 from adapters.speech_inputs import SpeechInputError
-from adapters.speech_language import IGNORE_INDEX, SpeechLanguageModel, SpeechPrompter, collate_examples
+from adapters.speech_language import (IGNORE_INDEX, SpeechLanguageModel, SpeechPrompter, collate_examples,
+                                      span_position_code)
 from language import Llama
 from language import preset as llama_preset
 from language.chat_format import chat_format_for
@@ -26,12 +27,13 @@ def tokenizer(tmp_path_factory):
     return train_bpe([folder / "text.txt"], 300, folder)
 
 
-def _model(tokenizer, seed=0, lm=None):
+def _model(tokenizer, seed=0, lm=None, span_position=0.0):
     torch.manual_seed(seed)
     if lm is None:
         lm = Llama(llama_preset("tiny", vocab_size=tokenizer.vocab_size, dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64))
     encoder = ConformerEncoder(conformer_preset("tiny", dim=32, n_heads=2, ffn_dim=64, n_layers=1))
-    adapter = SpeechAdapter(adapter_preset("tiny", encoder_dim=32, dim=32, n_heads=2, ffn_dim=64, lm_dim=32))
+    adapter = SpeechAdapter(adapter_preset("tiny", encoder_dim=32, dim=32, n_heads=2, ffn_dim=64, lm_dim=32,
+                                           span_position=span_position))
     return SpeechLanguageModel(lm, encoder, adapter)
 
 
@@ -91,6 +93,25 @@ def test_speech_written_at_audio_tokens_and_prefix_unchanged(tokenizer):
         model(tokens, features, lengths.flip(0))
     with pytest.raises(SpeechInputError, match="no speech features"):
         model(tokens)
+
+
+def test_span_position_code_is_added_to_each_placeholder_by_its_index_in_the_span(tokenizer):
+    code = span_position_code(6, 32)
+    assert code.shape == (6, 32) and torch.equal(code[0], torch.tensor([0.0, 1.0] * 16))
+    assert float(code.abs().max()) <= 1 and torch.linalg.matrix_rank(code) == 6  # every position distinct
+    model = _model(tokenizer, span_position=2.0).eval()
+    prompter = SpeechPrompter(chat_format_for(tokenizer), model.audio_tokens)
+    tokens, _, mask, features, lengths = _batch(model, prompter)
+    speech, speech_lengths = model.encode_speech(features, lengths)
+    where, values, _ = model.audio_embeds(tokens, speech, speech_lengths)
+    std = float(model.language_model.model.embed_tokens.weight.std())
+    full = span_position_code(speech.shape[1], 32)
+    expected = torch.cat([speech[u, :n] + 2.0 * std * full[:n] for u, n in enumerate(speech_lengths.tolist())])
+    torch.testing.assert_close(values[tokens[where] == model.audio_tokens.placeholder_id], expected)
+    plain = _model(tokenizer, span_position=0.0).eval()  # same seed: same weights, no code
+    with torch.no_grad():
+        assert not torch.allclose(model(tokens, features, lengths, attention_mask=mask),
+                                  plain(tokens, features, lengths, attention_mask=mask))
 
 
 def test_only_encoder_and_adapter_train_and_lm_stays_bit_identical(tokenizer):
