@@ -119,6 +119,17 @@ class SpeechLanguageModel(nn.Module):
         lm = self.language_model
         return lm.get_submodule("model.embed_tokens" if isinstance(lm, Llama) else "language_model.model.embed_tokens")
 
+    def _embedding_std(self) -> float:
+        """The std of the LM's token embeddings now, recomputed only when the table changed (a copy stage's
+        optimizer step, a load or a swapped LM bump its (storage, version) key), not on every forward."""
+        weight = self.token_embeddings().weight
+        key = (weight.data_ptr(), weight._version)
+        cached = getattr(self, "_embedding_std_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, float(weight.detach().float().std()))
+            self._embedding_std_cache = cached
+        return cached[1]
+
     @property
     def lm_config(self):
         return _lm_config(self.language_model)
@@ -148,10 +159,9 @@ class SpeechLanguageModel(nn.Module):
         every audio id replaced by 0 (what the wrapped model's own embedding may read)."""
         ids = self.audio_tokens
         amplitude = self.adapter.config.span_position
-        if amplitude > 0:  # at the scale of the LM's token embeddings now (a copy stage may still be training them)
-            std = float(self.token_embeddings().weight.detach().float().std())
+        if amplitude > 0:
             code = span_position_code(speech.shape[1], speech.shape[-1], device=speech.device)
-            speech = speech + (amplitude * std * code).to(speech.dtype)
+            speech = speech + (amplitude * self._embedding_std() * code).to(speech.dtype)
         _, speech_values = speech_inputs(tokens, speech, speech_lengths, ids)  # validates spans vs lengths
         where = (tokens == ids.start_id) | (tokens == ids.placeholder_id) | (tokens == ids.end_id)
         kinds = tokens[where]

@@ -26,7 +26,7 @@ from language.chat_data import DataError
 from language.chat_format import Message, chat_format_for
 from vision.image_dataset import ImageManifestDataset, ImageSample
 from vision.images import load_image
-from vision.scenes import QA_TYPES, SceneConfig, generate_scene
+from vision.scenes import QA_TYPES, SPLITS, SceneConfig, generate_scene
 from vision.tiling import TiledImage, TilingConfig, tile_image
 
 from ..config import ExistingPath
@@ -67,9 +67,10 @@ class ScenesSection:
         bad = [t for t in self.qa_types if t not in QA_TYPES]
         if bad or not self.qa_types:
             raise ValueError(f"key 'qa_types': {bad or 'empty'}; choose from {list(QA_TYPES)}")
-        wrong = [s for s in self.eval_splits if s not in ("heldout", "valid")]
+        test_splits = [s for s in SPLITS if s != "train"]
+        wrong = [s for s in self.eval_splits if s not in test_splits]
         if wrong or not self.eval_splits or len(set(self.eval_splits)) < len(self.eval_splits):
-            raise ValueError(f"key 'eval_splits': {self.eval_splits}; distinct names of heldout, valid")
+            raise ValueError(f"key 'eval_splits': {self.eval_splits}; distinct names of {', '.join(test_splits)}")
         self.scene_config()
 
     def scene_config(self) -> SceneConfig:

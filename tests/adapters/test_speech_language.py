@@ -112,6 +112,16 @@ def test_span_position_code_is_added_to_each_placeholder_by_its_index_in_the_spa
     with torch.no_grad():
         assert not torch.allclose(model(tokens, features, lengths, attention_mask=mask),
                                   plain(tokens, features, lengths, attention_mask=mask))
+    # the embedding std is cached, but follows every change of the table: an optimizer step, a load
+    table = model.language_model.model.embed_tokens.weight.requires_grad_(True)
+    optimizer = torch.optim.AdamW([table], lr=0.5)
+    (table ** 3).sum().backward()
+    optimizer.step()
+    stepped = float(table.detach().std())
+    assert model._embedding_std() == pytest.approx(stepped) and stepped != pytest.approx(std)
+    model.language_model.load_state_dict({**model.language_model.state_dict(),
+                                          "model.embed_tokens.weight": 3 * table.detach()})
+    assert model._embedding_std() == pytest.approx(3 * stepped)
 
 
 def test_only_encoder_and_adapter_train_and_lm_stays_bit_identical(tokenizer):
