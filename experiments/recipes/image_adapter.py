@@ -20,7 +20,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +48,7 @@ from .image_common import (ADAPTER_FILE, MODEL_FILE, ModelSection, _from_record,
                            build_encoder, build_language, composed_config, find_model_folder, non_language_state,
                            resolve_path, save_image_model)
 from .image_data import DataSection, PromptFormat, PromptSection, manifest_vqa_items, scene_vqa_items, training_samples
-from .image_lm_prior import prior_pretrain, without_image
+from .image_lm_prior import AnswersByForm, prior_pretrain, without_image
 from .vqa_eval import evaluate_vqa, summarize, write_predictions
 
 
@@ -94,6 +94,10 @@ class Config(RunConfig):
         if self.engine.backend == "deepspeed" and self.engine.zero_stage == 3 and not self.model.always_run_encoder:
             raise ValueError("engine.zero_stage=3 needs model.always_run_encoder=true (every rank must run every "
                              "module, also on batches without images)")
+        prior = self.model.language.prior_pretrain
+        if prior.steps and prior.answers == "by_form" and (self.data.train_manifest or self.data.task != "vqa"):
+            raise ValueError("model.language.prior_pretrain.answers=by_form pools the question-answer pairs of "
+                             "procedural scenes: it needs data.task=vqa and no data.train_manifest")
 
 
 def loss_fn(model, batch: dict):
@@ -192,6 +196,7 @@ def training_texts(cfg: Config, n_scenes: int = 2000) -> list[str]:
 
 
 PRIOR_FILE = "prior_pretrain.json"
+FORM_POOL_SAMPLES = 2000  # training samples whose answers make prior_pretrain.answers=by_form's pools
 
 
 def _prior_stage(cfg: Config, model: VisionLanguageModel, fmt: PromptFormat, train, collate, run_dir: Path) -> dict:
@@ -206,11 +211,22 @@ def _prior_stage(cfg: Config, model: VisionLanguageModel, fmt: PromptFormat, tra
     if (lm_dir / PRIOR_FILE).is_file():
         return json.loads((lm_dir / PRIOR_FILE).read_text())
     validate(cfg.engine, cfg.optim, cfg.schedule, cfg.steps)  # fail before the stage, not after it
+    by_form = None
+    if section.answers == "by_form":
+        scenes = cfg.data.scenes.scene_config()
+        pool = [qa for i in range(min(FORM_POOL_SAMPLES, section.steps * section.batch_size)) for qa in train[i].qa]
+        by_form = AnswersByForm(pool, scenes.colors + scenes.shapes)
+
+    def text_sample(i: int, rng: random.Random) -> dict:
+        sample = train[i]
+        if by_form is not None:
+            sample = replace(sample, qa=[by_form.redraw(qa, rng) for qa in sample.qa])
+        return without_image(fmt.training_sample(sample, cfg.data.task, cfg.data.qa_per_sample, rng),
+                             model.config.image_token_id)
 
     def batch_at(step: int, rng: random.Random) -> dict:
         first = step * section.batch_size
-        return collate([without_image(fmt.training_sample(train[i], cfg.data.task, cfg.data.qa_per_sample, rng),
-                                      model.config.image_token_id) for i in range(first, first + section.batch_size)])
+        return collate([text_sample(i, rng) for i in range(first, first + section.batch_size)])
 
     note = prior_pretrain(model, batch_at, loss_fn, section)
     if is_rank0():

@@ -8,15 +8,24 @@ that trains, first learns those text priors itself, as constant image-independen
 prompt layout with the `<|image|>` token and the image dropped (= the recipe's `blind` control), loss on the same
 labelled tokens. Afterwards the LM is frozen again; what the adapters can still add is what only the image holds.
 
+What the LM may learn there is a choice (`answers`): `as_is` keeps each question's own answer, so the LM also learns
+which colour goes with which shape in the training scenes, a prior the held-out colour-shape pairs contradict (it
+answers them ~0% blind, and the adapters must overturn it); `by_form` redraws every answer from the training answers
+of questions of the same form (the question with its colour and shape words masked: "What shape is the _ object?"),
+so the LM learns what a question asks for and its answer frequencies, not the scenes' attribute co-occurrences, as a
+general pre-trained LM would arrive.
+
 Batches come from the training samples at their own seeded positions (never the global RNG), so the stage is
 reproducible, and a resumed run loads the saved LM instead of repeating it.
 """
 from __future__ import annotations
 
 import random
+import re
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Literal
 
 import torch
 
@@ -30,6 +39,30 @@ class PriorPretrainSection:
     warmup_steps: int = field(default=20, metadata={"range": (0, None)})
     batch_size: int = field(default=32, metadata={"range": (1, None), "help": "samples per step"})
     seed: int = field(default=0, metadata={"help": "which questions of a sample are asked"})
+    answers: Literal["as_is", "by_form"] = field(default="as_is", metadata={
+        "help": "as_is: each question's own answer; by_form: an answer drawn from the training answers of questions "
+                "of the same form (colour/shape words masked), so the LM learns no attribute co-occurrences"})
+
+
+class AnswersByForm:
+    """Answers pooled per question form, the question with the given attribute words (and their plurals) masked
+    ("What shape is the _ object?"); redraw(qa, rng) gives a QA whose answer is drawn from its form's pool (with the training
+    frequencies). A form outside the pool keeps its answer."""
+
+    def __init__(self, qas: Iterable, words: Iterable[str]):
+        alternatives = sorted(set(words), key=len, reverse=True)  # "circles" before "circle"
+        words = "|".join(map(re.escape, alternatives))
+        self._pattern = re.compile(rf"\b(?:{words})(?:es|s)?\b") if alternatives else None  # plurals too
+        self.pools: dict[str, list[str]] = defaultdict(list)
+        for qa in qas:
+            self.pools[self.form(qa.question)].append(qa.answer)
+
+    def form(self, question: str) -> str:
+        return self._pattern.sub("_", question) if self._pattern else question
+
+    def redraw(self, qa, rng: random.Random):
+        pool = self.pools.get(self.form(qa.question))
+        return replace(qa, answer=rng.choice(pool)) if pool else qa
 
 
 def without_image(sample: dict, image_token_id: int) -> dict:

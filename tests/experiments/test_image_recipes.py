@@ -215,6 +215,26 @@ def test_lm_prior_stage_trains_the_random_lm_on_text_then_freezes_it_and_a_resum
     assert "'prior_pretrain' trains a random preset LM" in capsys.readouterr().err
 
 
+def test_answers_by_form_pool_per_masked_question_and_break_the_colour_shape_pairs():
+    from experiments.recipes.image_lm_prior import AnswersByForm
+    from vision.scenes import QA, SceneConfig, generate_scene
+    config = SceneConfig(image_size=56, max_objects=2, p_word=0, p_digit=0)
+    qas = [qa for i in range(300) for qa in generate_scene(i, "train", 0, config).qa]
+    forms = AnswersByForm(qas, config.colors + config.shapes)
+    assert forms.form("How many circles are there?") == forms.form("How many squares are there?") == "How many _ are there?"
+    assert forms.form("Is the red star above or below the blue diamond?") == "Is the _ _ above or below the _ _?"
+    assert set(forms.pools["What shape is the _ object?"]) == set(config.shapes)
+    assert set(forms.pools["Is the _ _ to the left or to the right of the _ _?"]) == {"left", "right"}
+    # as_is, "What shape is the red object?" is never answered "circle" (a held-out pair); by form it is, as often
+    # as the training answers of the form say
+    red = QA("What shape is the red object?", "star", "shape")
+    assert not any(q.question == red.question and q.answer == "circle" for q in qas)
+    rng = random.Random(0)
+    drawn = [forms.redraw(red, rng) for _ in range(400)]
+    assert {d.answer for d in drawn} == set(config.shapes) and all(d.type == "shape" for d in drawn)
+    assert forms.redraw(QA("What word is written in the image?", "cat", "text"), rng).answer == "cat"  # unknown form
+
+
 @pytest.mark.parametrize("override,message", [
     ("model.vison.preset=tiny", "unknown key 'model.vison'; did you mean 'model.vision'?"),
     ("model.language.path=/nowhere/lm", "path '/nowhere/lm' does not exist"),
@@ -222,6 +242,9 @@ def test_lm_prior_stage_trains_the_random_lm_on_text_then_freezes_it_and_a_resum
     ("data.scenes.qa_types=[colour]", "qa_types"),
     ("engine.backend=deepspeed engine.zero_stage=3", "model.always_run_encoder=true"),
     ("model.vision.preset=vit-x", "unknown vision preset 'vit-x'"),
+    ("model.language.prior_pretrain.steps=2 model.language.prior_pretrain.answers=by_form data.task=caption",
+     "answers=by_form pools the question-answer pairs of procedural scenes"),
+    ("model.language.prior_pretrain.answers=by_the_book", "answers"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, override, message):
     path = write(tmp_path / "bad.yaml", adapter_cfg(tmp_path))
