@@ -45,6 +45,7 @@ test: install
 # the speech adapter on espeak speech (held-out voices + the real Asterisk digits when they could be fetched).
 quickstart: install
 	$(BIN)/herd run experiments/quickstart.yaml
+	$(BIN)/herd run experiments/image/quickstart_clip.yaml
 	$(BIN)/herd run experiments/image/quickstart.yaml
 	$(BIN)/herd data prepare speech
 	$(BIN)/herd run experiments/speech/quickstart.yaml
