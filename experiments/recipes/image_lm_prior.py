@@ -13,7 +13,8 @@ which colour goes with which shape in the training scenes, a prior the held-out 
 answers them ~0% blind, and the adapters must overturn it); `by_form` redraws every answer from the training answers
 of questions of the same form (the question with its colour and shape words masked: "What shape is the _ object?"),
 so the LM learns what a question asks for and its answer frequencies, not the scenes' attribute co-occurrences, as a
-general pre-trained LM would arrive.
+general pre-trained LM would arrive. Measured on the image quickstart: by_form lifts held-out shape answers (27-38% ->
+56-60%) but yes/no falls to chance, so the quickstart keeps as_is (experiments/image/quickstart.yaml).
 
 Batches come from the training samples at their own seeded positions (never the global RNG), so the stage is
 reproducible, and a resumed run loads the saved LM instead of repeating it.
@@ -45,12 +46,12 @@ class PriorPretrainSection:
 
 
 class AnswersByForm:
-    """Answers pooled per question form, the question with the given attribute words (and their plurals) masked
-    ("What shape is the _ object?"); redraw(qa, rng) gives a QA whose answer is drawn from its form's pool (with the training
-    frequencies). A form outside the pool keeps its answer."""
+    """Answers pooled per question form: the question with the given attribute words (and their plurals) masked,
+    "What shape is the _ object?". redraw(qa, rng) -> the QA with an answer drawn from its form's pool (training
+    frequencies); a form outside the pools keeps its answer."""
 
     def __init__(self, qas: Iterable, words: Iterable[str]):
-        alternatives = sorted(set(words), key=len, reverse=True)  # "circles" before "circle"
+        alternatives = sorted(set(words), key=len, reverse=True)  # longest first: no word masks part of one
         words = "|".join(map(re.escape, alternatives))
         self._pattern = re.compile(rf"\b(?:{words})(?:es|s)?\b") if alternatives else None  # plurals too
         self.pools: dict[str, list[str]] = defaultdict(list)

@@ -221,7 +221,8 @@ def test_answers_by_form_pool_per_masked_question_and_break_the_colour_shape_pai
     config = SceneConfig(image_size=56, max_objects=2, p_word=0, p_digit=0)
     qas = [qa for i in range(300) for qa in generate_scene(i, "train", 0, config).qa]
     forms = AnswersByForm(qas, config.colors + config.shapes)
-    assert forms.form("How many circles are there?") == forms.form("How many squares are there?") == "How many _ are there?"
+    assert forms.form("How many circles are there?") == forms.form("How many squares are there?") \
+        == "How many _ are there?"
     assert forms.form("Is the red star above or below the blue diamond?") == "Is the _ _ above or below the _ _?"
     assert set(forms.pools["What shape is the _ object?"]) == set(config.shapes)
     assert set(forms.pools["Is the _ _ to the left or to the right of the _ _?"]) == {"left", "right"}
