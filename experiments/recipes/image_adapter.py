@@ -95,8 +95,8 @@ class Config(RunConfig):
             raise ValueError("engine.zero_stage=3 needs model.always_run_encoder=true (every rank must run every "
                              "module, also on batches without images)")
         prior = self.model.language.prior_pretrain
-        if prior.steps and prior.answers == "by_form" and (self.data.train_manifest or self.data.task != "vqa"):
-            raise ValueError("model.language.prior_pretrain.answers=by_form pools the question-answer pairs of "
+        if prior.steps and prior.redraw_answers and (self.data.train_manifest or self.data.task != "vqa"):
+            raise ValueError("model.language.prior_pretrain.redraw_answers pools the question-answer pairs of "
                              "procedural scenes: it needs data.task=vqa and no data.train_manifest")
 
 
@@ -196,7 +196,7 @@ def training_texts(cfg: Config, n_scenes: int = 2000) -> list[str]:
 
 
 PRIOR_FILE = "prior_pretrain.json"
-FORM_POOL_SAMPLES = 2000  # training samples whose answers make prior_pretrain.answers=by_form's pools
+FORM_POOL_SAMPLES = 2000  # training samples whose answers make prior_pretrain.redraw_answers' pools
 
 
 def _prior_stage(cfg: Config, model: VisionLanguageModel, fmt: PromptFormat, train, collate, run_dir: Path) -> dict:
@@ -212,7 +212,7 @@ def _prior_stage(cfg: Config, model: VisionLanguageModel, fmt: PromptFormat, tra
         return json.loads((lm_dir / PRIOR_FILE).read_text())
     validate(cfg.engine, cfg.optim, cfg.schedule, cfg.steps)  # fail before the stage, not after it
     by_form = None
-    if section.answers == "by_form":
+    if section.redraw_answers:
         scenes = cfg.data.scenes.scene_config()
         pool = [qa for i in range(min(FORM_POOL_SAMPLES, section.steps * section.batch_size)) for qa in train[i].qa]
         by_form = AnswersByForm(pool, scenes.colors + scenes.shapes)
@@ -220,7 +220,8 @@ def _prior_stage(cfg: Config, model: VisionLanguageModel, fmt: PromptFormat, tra
     def text_sample(i: int, rng: random.Random) -> dict:
         sample = train[i]
         if by_form is not None:
-            sample = replace(sample, qa=[by_form.redraw(qa, rng) for qa in sample.qa])
+            redraw = lambda: section.redraw_answers == 1 or rng.random() < section.redraw_answers  # noqa: E731
+            sample = replace(sample, qa=[by_form.redraw(qa, rng) if redraw() else qa for qa in sample.qa])
         return without_image(fmt.training_sample(sample, cfg.data.task, cfg.data.qa_per_sample, rng),
                              model.config.image_token_id)
 

@@ -8,13 +8,13 @@ that trains, first learns those text priors itself, as constant image-independen
 prompt layout with the `<|image|>` token and the image dropped (= the recipe's `blind` control), loss on the same
 labelled tokens. Afterwards the LM is frozen again; what the adapters can still add is what only the image holds.
 
-What the LM may learn there is a choice (`answers`): `as_is` keeps each question's own answer, so the LM also learns
-which colour goes with which shape in the training scenes, a prior the held-out colour-shape pairs contradict (it
-answers them ~0% blind, and the adapters must overturn it); `by_form` redraws every answer from the training answers
-of questions of the same form (the question with its colour and shape words masked: "What shape is the _ object?"),
-so the LM learns what a question asks for and its answer frequencies, not the scenes' attribute co-occurrences, as a
-general pre-trained LM would arrive. Measured on the image quickstart: by_form lifts held-out shape answers (27-38% ->
-56-60%) but yes/no falls to chance, so the quickstart keeps as_is (experiments/image/quickstart.yaml).
+What the LM may learn there is a choice (`redraw_answers`). Each question's own answer (0, the default) also teaches
+it which colour goes with which shape in the training scenes, a prior the held-out colour-shape pairs contradict
+(it answers them ~0% blind, and the adapters must overturn it). A redrawn answer comes from the training answers of
+questions of the same form (the question with its colour and shape words masked: "What shape is the _ object?"),
+so at 1 the LM learns what a question asks for and its answer frequencies, not the scenes' attribute
+co-occurrences; in between, those co-occurrences are only a leaning. Measured on the image quickstart
+(experiments/image/quickstart.yaml): at 1, held-out shape answers rise (27-38% -> 56-60%) but yes/no falls to chance.
 
 Batches come from the training samples at their own seeded positions (never the global RNG), so the stage is
 reproducible, and a resumed run loads the saved LM instead of repeating it.
@@ -26,7 +26,7 @@ import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable
 
 import torch
 
@@ -40,9 +40,9 @@ class PriorPretrainSection:
     warmup_steps: int = field(default=20, metadata={"range": (0, None)})
     batch_size: int = field(default=32, metadata={"range": (1, None), "help": "samples per step"})
     seed: int = field(default=0, metadata={"help": "which questions of a sample are asked"})
-    answers: Literal["as_is", "by_form"] = field(default="as_is", metadata={
-        "help": "as_is: each question's own answer; by_form: an answer drawn from the training answers of questions "
-                "of the same form (colour/shape words masked), so the LM learns no attribute co-occurrences"})
+    redraw_answers: float = field(default=0.0, metadata={
+        "range": (0.0, 1.0), "help": "fraction of answers redrawn from the training answers of questions of the "
+                                     "same form (colour/shape words masked): 1 = the LM learns no co-occurrences"})
 
 
 class AnswersByForm:

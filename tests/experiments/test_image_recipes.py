@@ -243,9 +243,9 @@ def test_answers_by_form_pool_per_masked_question_and_break_the_colour_shape_pai
     ("data.scenes.qa_types=[colour]", "qa_types"),
     ("engine.backend=deepspeed engine.zero_stage=3", "model.always_run_encoder=true"),
     ("model.vision.preset=vit-x", "unknown vision preset 'vit-x'"),
-    ("model.language.prior_pretrain.steps=2 model.language.prior_pretrain.answers=by_form data.task=caption",
-     "answers=by_form pools the question-answer pairs of procedural scenes"),
-    ("model.language.prior_pretrain.answers=by_the_book", "answers"),
+    ("model.language.prior_pretrain.steps=2 model.language.prior_pretrain.redraw_answers=1 data.task=caption",
+     "redraw_answers pools the question-answer pairs of procedural scenes"),
+    ("model.language.prior_pretrain.redraw_answers=1.5", "redraw_answers"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, override, message):
     path = write(tmp_path / "bad.yaml", adapter_cfg(tmp_path))
