@@ -52,8 +52,8 @@ class AnswersByForm:
 
     def __init__(self, qas: Iterable, words: Iterable[str]):
         alternatives = sorted(set(words), key=len, reverse=True)  # longest first: no word masks part of one
-        words = "|".join(map(re.escape, alternatives))
-        self._pattern = re.compile(rf"\b(?:{words})(?:es|s)?\b") if alternatives else None  # plurals too
+        alternation = "|".join(map(re.escape, alternatives))
+        self._pattern = re.compile(rf"\b(?:{alternation})(?:es|s)?\b") if alternatives else None  # plurals too
         self.pools: dict[str, list[str]] = defaultdict(list)
         for qa in qas:
             self.pools[self.form(qa.question)].append(qa.answer)
