@@ -24,6 +24,12 @@ class ExistingPath(str):
     """A string config field that must name an existing file or folder."""
 
 
+def missing_path(key: str, value: str) -> str:
+    """The error for a config path that does not exist; one under runs/ is an earlier stage's output."""
+    hint = " (an earlier run's output: run that stage first)" if value.startswith("runs/") else ""
+    return f"key '{key}': path '{value}' does not exist{hint}"
+
+
 def load_experiment(path: Path, _seen: tuple = ()) -> dict:
     """Read an experiment YAML. A top-level `base: other.yaml` (relative to this file) is loaded first
     and this file's keys are merged over it, sections recursively."""
@@ -184,7 +190,7 @@ def _scalar(tp, value, key):
     elif tp is ExistingPath:
         if isinstance(value, str):
             if not Path(value).expanduser().exists():
-                raise ConfigError(f"key '{key}': path '{value}' does not exist")
+                raise ConfigError(missing_path(key, value))
             return ExistingPath(value)
     elif tp in (str, Path):
         if isinstance(value, str):

@@ -30,7 +30,7 @@ from vision.encoder import VisionEncoder
 from vision.open_clip_convert import config_from_open_clip, load_open_clip_visual, resize_position_embedding
 from vision.tiling import supported_aspect_ratios
 
-from ..config import ConfigError
+from ..config import ConfigError, missing_path
 from .image_lm_prior import PriorPretrainSection
 
 MODEL_FILE, ADAPTER_FILE = "model.json", "adapter.safetensors"
@@ -49,7 +49,7 @@ def resolve_path(value: str, key: str = "path") -> Path:
     else:
         path = Path(value).expanduser()
     if not path.exists():
-        raise ConfigError(f"key '{key}': path '{value}' does not exist")
+        raise ConfigError(missing_path(key, value))
     return path
 
 
