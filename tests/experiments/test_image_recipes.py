@@ -240,7 +240,7 @@ def test_answers_by_form_pool_per_masked_question_and_break_the_colour_shape_pai
     ("model.vison.preset=tiny", "unknown key 'model.vison'; did you mean 'model.vision'?"),
     ("model.language.path=/nowhere/lm", "path '/nowhere/lm' does not exist"),
     ("model.init_from=/nowhere", "path '/nowhere' does not exist"),
-    ("model.vision.init_from=runs/no_such_stage/final", "does not exist (an earlier run's output: run that stage first)"),
+    ("model.vision.init_from=runs/no_such_stage/final", "(an earlier run's output: run that stage first)"),
     ("data.scenes.qa_types=[colour]", "qa_types"),
     ("engine.backend=deepspeed engine.zero_stage=3", "model.always_run_encoder=true"),
     ("model.vision.preset=vit-x", "unknown vision preset 'vit-x'"),
