@@ -41,8 +41,9 @@ speech-data: install
 test: install
 	$(BIN)/python -m pytest
 
-# Text pre-training (its tokenizer serves the next stages), then the image adapter on procedural scenes, then
-# the speech adapter on espeak speech (held-out voices + the real Asterisk digits when they could be fetched).
+# Text pre-training (its tokenizer serves the next stages), then the image encoder (CLIP) and adapter on procedural
+# scenes, then the speech adapter on espeak speech (held-out voices + the real Asterisk digits when they could be
+# fetched).
 quickstart: install
 	$(BIN)/herd run experiments/quickstart.yaml
 	$(BIN)/herd run experiments/image/quickstart_clip.yaml
