@@ -219,9 +219,9 @@ def _prior_stage(cfg: Config, model: VisionLanguageModel, fmt: PromptFormat, tra
 
     def text_sample(i: int, rng: random.Random) -> dict:
         sample = train[i]
-        if by_form is not None:
-            redraw = lambda: section.redraw_answers == 1 or rng.random() < section.redraw_answers  # noqa: E731
-            sample = replace(sample, qa=[by_form.redraw(qa, rng) if redraw() else qa for qa in sample.qa])
+        if by_form is not None:  # random() < 1 always: redraw_answers 1 redraws every answer
+            sample = replace(sample, qa=[by_form.redraw(qa, rng) if rng.random() < section.redraw_answers else qa
+                                         for qa in sample.qa])
         return without_image(fmt.training_sample(sample, cfg.data.task, cfg.data.qa_per_sample, rng),
                              model.config.image_token_id)
 

@@ -207,6 +207,12 @@ def test_lm_prior_stage_trains_the_random_lm_on_text_then_freezes_it_and_a_resum
     run = sorted(p for p in (tmp_path / "again" / "prior").glob("*") if not p.is_symlink())[0]
     assert losses(run) == losses(full)
     assert json.loads((run / "summary.json").read_text())["language_model_sha256"] == summary["language_model_sha256"]
+    # redraw_answers goes through the stage: a different text stage, hence a different recorded LM
+    cfg["output_dir"] = str(tmp_path / "redraw")
+    cfg["model"]["language"]["prior_pretrain"]["redraw_answers"] = 1.0
+    assert main(["run", str(write(tmp_path / "redraw.yaml", cfg)), "stop_after_steps=1"]) == 0
+    run = sorted(p for p in (tmp_path / "redraw" / "prior").glob("*") if not p.is_symlink())[0]
+    assert weights_digest(load_pretrained(run / "language_model")) != summary["language_model_sha256"]
     # a checkpoint LM is never prior-trained here
     bad = write(tmp_path / "bad.yaml", {**cfg, "model": {**cfg["model"], "language": {
         "path": str(tmp_path), "prior_pretrain": {"steps": 2}}}})
