@@ -1,7 +1,7 @@
 """The `herd` command line.
 
   herd run EXPERIMENT.yaml [dotted.key=value ...] [--print-config]
-  herd data prepare [text|speech]
+  herd data prepare [text|images|speech [--sets espeak sentences ast]]
   herd eval niah --model PATH_OR_RUN [--lengths ...]
   herd eval speech --model SPEECH_RUN --manifest M [M ...] [--out DIR]
   herd average CKPT CKPT ... [--weights W ...] --out DIR
@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="speech: where the Asterisk .deb files are kept (fetched with apt-get download if missing)")
     prep.add_argument("--workers", type=int, default=2, help="speech: synthesis processes")
     prep.add_argument("--no-fetch", action="store_true", help="speech: never run apt-get download")
+    prep.add_argument("--sets", nargs="+", default=["espeak"], choices=["espeak", "sentences", "ast"],
+                      help="speech: espeak sets to synthesise: espeak (digits + commands, the quickstart's), sentences "
+                           "(corpus sentences, asr_smollm2.yaml; needs data/text), ast (Spanish -> English, ast.yaml)")
+    prep.add_argument("--corpus-dir", default="data/text", help="speech: the text corpus the sentence set reads")
     prep.add_argument("--train-size", type=int, default=None,
                       help="speech: espeak training utterances (default 4000); images: training scenes (default 5000)")
     prep.set_defaults(func=_cmd_data_prepare)
@@ -147,7 +151,8 @@ def _cmd_data_prepare(args, _) -> int:
         from .data_prep_speech import EspeakSetConfig, prepare_speech
         out = Path(args.out or "data/speech")
         cfg = EspeakSetConfig() if args.train_size is None else EspeakSetConfig(train_size=args.train_size)
-        summary = prepare_speech(out, Path(args.downloads_dir), cfg, args.workers, fetch=not args.no_fetch)
+        summary = prepare_speech(out, Path(args.downloads_dir), cfg, args.workers, fetch=not args.no_fetch,
+                                 sets=tuple(args.sets), corpus_dir=Path(args.corpus_dir))
         print(f"herd: prepared {out}: {summary}")
         return 0
     if args.what == "images":

@@ -9,6 +9,11 @@ Writes
   <out>/espeak/{train,valid,test_heldout}.jsonl + audio/<set>/*.flac + voices.json + info.json
       digit strings and short commands; train and valid on the training voices, test_heldout on voices
       whose espeak variant never occurs in training (`speech.synthetic.split_voices`)
+  optional sets (`sets=`), the same layout and voice split:
+  <out>/espeak_sentences/...  open-vocabulary English: sentences of the text corpus (data/text: train.jsonl for
+      train, val.jsonl for valid and test_heldout, so test sentences are unseen too); experiments/speech/asr_smollm2.yaml
+  <out>/espeak_ast/...        Spanish speech of templated sentences with their English translations (Spanish
+      voices); experiments/speech/ast.yaml
 Each part leaves a `.done` file holding its settings; a second run with the same settings does nothing,
 with other settings that part is rebuilt from scratch.
 """
@@ -23,12 +28,18 @@ from pathlib import Path
 from typing import Callable
 
 from speech.asterisk import AsteriskError, find_packages, prepare_asterisk
-from speech.synthetic import digit_and_command_items, english_voices, split_voices, write_dataset
+from speech.synthetic import (ast_items, digit_and_command_items, english_voices, load_corpus_sentences, sentence_items,
+                              spanish_voices, split_voices, write_dataset)
+
+
+ESPEAK_SETS = {"espeak": "digit strings and short commands", "sentences": "corpus sentences (open vocabulary)",
+               "ast": "Spanish speech -> English text"}
+SET_FOLDERS = {"espeak": "espeak", "sentences": "espeak_sentences", "ast": "espeak_ast"}
 
 
 @dataclass
 class EspeakSetConfig:
-    """Sizes of the quickstart set (defaults: about a minute with 2 workers on 2 shared cores)."""
+    """Sizes of an espeak set (defaults: about a minute for the quickstart set with 2 workers on 2 shared cores)."""
     train_size: int = 4000
     valid_size: int = 200
     test_size: int = 400
@@ -49,27 +60,57 @@ def _mark(folder: Path, settings: dict) -> None:
     (folder / ".done").write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
 
 
-def prepare_espeak_set(out_dir: Path, config: EspeakSetConfig | None = None, workers: int = 2,
-                       say: Callable[[str], None] = print) -> str:
-    """Synthesise the quickstart set into out_dir (skipped when out_dir/.done matches); one-line summary."""
-    cfg = config or EspeakSetConfig()
-    voices = english_voices()
+def _set_items(kind: str, cfg: EspeakSetConfig, corpus_dir: Path) -> tuple[dict, dict]:
+    """({split: items}, {"settings": what .done records, "voices": {split: speakers}}) of one espeak set;
+    voices split by variant, held-out ones test-only."""
+    voices = spanish_voices() if kind == "ast" else english_voices()
     train_voices, test_voices = split_voices(voices, cfg.heldout_fraction, cfg.seed)
     settings = {"config": asdict(cfg), "voices": voices, "version": 1}
-    if _done(out_dir, settings):
+    if kind == "espeak":
+        def make(n, voice_list, seed, prefix):
+            return digit_and_command_items(n, voice_list, seed, cfg.digit_fraction, prefix)
+    elif kind == "ast":
+        make = ast_items
+    else:
+        texts = {}
+        for split, file in (("train", "train.jsonl"), ("test", "val.jsonl")):
+            path = corpus_dir / file
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: the sentence set reads the text corpus: run `herd data prepare text` "
+                                        "first (or pass --corpus-dir)")
+            texts[split] = load_corpus_sentences(path)
+        settings["corpus"] = {k: len(v) for k, v in texts.items()}
+
+        def make(n, voice_list, seed, prefix):
+            return sentence_items(n, texts["train" if prefix == "train" else "test"], voice_list, seed, prefix)
+    if kind != "espeak":  # (the quickstart set's settings stay as they were: no rebuild of prepared data)
+        settings["kind"] = kind
+    items = {"train": make(cfg.train_size, train_voices, cfg.seed, "train"),
+             "valid": make(cfg.valid_size, train_voices, cfg.seed + 1, "valid"),
+             "test_heldout": make(cfg.test_size, test_voices, cfg.seed + 2, "test")}
+    return items, {"settings": settings, "voices": {"train": train_voices, "test_heldout": test_voices}}
+
+
+def prepare_espeak_set(out_dir: Path, config: EspeakSetConfig | None = None, workers: int = 2,
+                       say: Callable[[str], None] = print, kind: str = "espeak",
+                       corpus_dir: Path = Path("data/text")) -> str:
+    """Synthesise one espeak set (ESPEAK_SETS) into out_dir (skipped when out_dir/.done matches); one-line summary."""
+    if kind not in ESPEAK_SETS:
+        raise ValueError(f"unknown espeak set {kind!r}; known: {', '.join(ESPEAK_SETS)}")
+    cfg, label = config or EspeakSetConfig(), SET_FOLDERS[kind]
+    sets, meta = _set_items(kind, cfg, Path(corpus_dir))
+    train_voices, test_voices = meta["voices"]["train"], meta["voices"]["test_heldout"]
+    if _done(out_dir, meta["settings"]):
         info = json.loads((out_dir / "info.json").read_text())
-        return f"espeak: already prepared ({_espeak_counts(info)})"
+        return f"{label}: already prepared ({_espeak_counts(info)})"
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    (out_dir / "voices.json").write_text(json.dumps({"train": train_voices, "test_heldout": test_voices}, indent=1))
-    sets = {"train": digit_and_command_items(cfg.train_size, train_voices, cfg.seed, cfg.digit_fraction, "train"),
-            "valid": digit_and_command_items(cfg.valid_size, train_voices, cfg.seed + 1, cfg.digit_fraction, "valid"),
-            "test_heldout": digit_and_command_items(cfg.test_size, test_voices, cfg.seed + 2, cfg.digit_fraction,
-                                                    "test")}
-    t0, info = time.perf_counter(), {"sets": {}, "train_voices": len(train_voices), "heldout_voices": len(test_voices)}
+    (out_dir / "voices.json").write_text(json.dumps(meta["voices"], indent=1))
+    t0, info = time.perf_counter(), {"sets": {}, "train_voices": len(train_voices), "heldout_voices": len(test_voices),
+                                     "content": ESPEAK_SETS[kind]}
     for name, items in sets.items():
-        say(f"espeak: synthesising {name} ({len(items)} utterances, {workers} worker(s))")
+        say(f"{label}: synthesising {name} ({len(items)} utterances, {workers} worker(s))")
         manifest = write_dataset(items, out_dir, name, workers=workers, progress=say,
                                  progress_every=max(100, len(items) // 5))
         seconds = sum(json.loads(line)["duration"] for line in manifest.read_text().splitlines())
@@ -78,8 +119,8 @@ def prepare_espeak_set(out_dir: Path, config: EspeakSetConfig | None = None, wor
     total = sum(len(items) for items in sets.values())
     info.update(seconds=round(elapsed, 1), utterances_per_second=round(total / elapsed, 1), workers=workers)
     (out_dir / "info.json").write_text(json.dumps(info, indent=1) + "\n")
-    _mark(out_dir, settings)
-    return f"espeak: {_espeak_counts(info)} in {elapsed:.0f} s ({total / elapsed:.0f} utterances/s)"
+    _mark(out_dir, meta["settings"])
+    return f"{label}: {_espeak_counts(info)} in {elapsed:.0f} s ({total / elapsed:.0f} utterances/s)"
 
 
 def _espeak_counts(info: dict) -> str:
@@ -108,13 +149,18 @@ def prepare_asterisk_set(out_dir: Path, downloads_dir: Path, fetch: bool = True,
 
 def prepare_speech(out_dir: Path = Path("data/speech"), downloads_dir: Path = Path("data/downloads"),
                    espeak: EspeakSetConfig | None = None, workers: int = 2, asterisk: bool = True,
-                   fetch: bool = True, say: Callable[[str], None] | None = None) -> str:
-    """Both parts; returns their one-line summaries joined with "; ". Progress lines go to `say`
-    (default: stderr)."""
+                   fetch: bool = True, say: Callable[[str], None] | None = None, sets=("espeak",),
+                   corpus_dir: Path = Path("data/text")) -> str:
+    """Asterisk and the espeak `sets` (ESPEAK_SETS); returns their one-line summaries joined with "; ".
+    Progress lines go to `say` (default: stderr)."""
     say = say or (lambda msg: print(f"herd: {msg}", file=sys.stderr, flush=True))
     out_dir, downloads_dir = Path(out_dir), Path(downloads_dir)
+    unknown = [k for k in sets if k not in ESPEAK_SETS]
+    if unknown:
+        raise ValueError(f"unknown espeak set(s) {unknown}; known: {', '.join(ESPEAK_SETS)}")
     parts = []
     if asterisk:
         parts.append(prepare_asterisk_set(out_dir / "asterisk", downloads_dir, fetch, say))
-    parts.append(prepare_espeak_set(out_dir / "espeak", espeak, workers, say))
+    for kind in sets:
+        parts.append(prepare_espeak_set(out_dir / SET_FOLDERS[kind], espeak, workers, say, kind, corpus_dir))
     return "; ".join(parts)

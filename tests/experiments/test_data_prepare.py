@@ -28,13 +28,16 @@ def test_prepare_speech_wires_the_options(tmp_path, capsys, monkeypatch):
     import experiments.data_prep_speech as prep
     seen = {}
 
-    def fake(out, downloads, espeak, workers, fetch):
-        seen.update(out=out, downloads=downloads, train=espeak.train_size, workers=workers, fetch=fetch)
+    def fake(out, downloads, espeak, workers, fetch, sets, corpus_dir):
+        seen.update(out=out, downloads=downloads, train=espeak.train_size, workers=workers, fetch=fetch, sets=sets,
+                    corpus=corpus_dir)
         return "espeak: fake"
     monkeypatch.setattr(prep, "prepare_speech", fake)
     assert main(["data", "prepare", "speech", "--out", str(tmp_path / "s"), "--downloads-dir", str(tmp_path),
-                 "--no-fetch", "--train-size", "7", "--workers", "1"]) == 0
-    assert seen == {"out": tmp_path / "s", "downloads": tmp_path, "train": 7, "workers": 1, "fetch": False}
+                 "--no-fetch", "--train-size", "7", "--workers", "1", "--sets", "ast", "sentences",
+                 "--corpus-dir", str(tmp_path / "t")]) == 0
+    assert seen == {"out": tmp_path / "s", "downloads": tmp_path, "train": 7, "workers": 1, "fetch": False,
+                    "sets": ("ast", "sentences"), "corpus": tmp_path / "t"}
     assert "espeak: fake" in capsys.readouterr().out
 
 

@@ -62,3 +62,29 @@ def test_asterisk_from_packages_already_downloaded(tmp_path):
                                         "nine"}
     pairs, _ = load_jsonl_manifest(tmp_path / "speech" / "asterisk" / "asterisk_es_en.jsonl")
     assert all(u.language == "es" and u.translation_language == "en" and u.translation for u in pairs)
+
+
+def test_sentence_and_ast_sets(tmp_path):
+    """The optional sets of asr_smollm2.yaml and ast.yaml: unseen sentences and voices in test_heldout; Spanish
+    speech with English translations; a missing corpus names the file and the command that makes it."""
+    corpus = tmp_path / "text"
+    with pytest.raises(FileNotFoundError, match=r"train\.jsonl.*herd data prepare text"):
+        prepare_speech(tmp_path / "speech", tmp_path, espeak=TINY, workers=1, asterisk=False, sets=("sentences",),
+                       corpus_dir=corpus, say=lambda s: None)
+    corpus.mkdir()
+    seen = "The cat sat on the mat today. A dog ran into the garden quickly."
+    unseen = "My sister reads a long book at night."
+    (corpus / "train.jsonl").write_text(json.dumps({"text": seen}) + "\n")
+    (corpus / "val.jsonl").write_text(json.dumps({"text": unseen}) + "\n")
+    summary = prepare_speech(tmp_path / "speech", tmp_path, espeak=TINY, workers=1, asterisk=False,
+                             sets=("sentences", "ast"), corpus_dir=corpus, say=lambda s: None)
+    assert summary.startswith("espeak_sentences: train 12, valid 3, test_heldout 5") and "; espeak_ast: train 12" in summary
+    train, _ = load_jsonl_manifest(tmp_path / "speech" / "espeak_sentences" / "train.jsonl")
+    test, _ = load_jsonl_manifest(tmp_path / "speech" / "espeak_sentences" / "test_heldout.jsonl")
+    assert {u.text for u in train} <= {"The cat sat on the mat today.", "A dog ran into the garden quickly."}
+    assert {u.text for u in test} == {unseen}
+    ast, _ = load_jsonl_manifest(tmp_path / "speech" / "espeak_ast" / "test_heldout.jsonl")
+    voices = json.loads((tmp_path / "speech" / "espeak_ast" / "voices.json").read_text())
+    assert all(u.language == "es" and u.translation_language == "en" and u.translation for u in ast)
+    assert all(u.speaker in voices["test_heldout"] and u.speaker.startswith("es") for u in ast)
+    assert not (tmp_path / "speech" / "espeak").exists()
