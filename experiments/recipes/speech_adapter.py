@@ -35,7 +35,7 @@ from speech.audio_io import AudioConfig
 from speech.conformer import ConformerConfig
 from speech.features import FeatureConfig
 from speech.speech_dataset import SpeechDataset, collate_speech
-from speech.speech_metrics import asr_scores, write_results
+from speech.speech_metrics import asr_scores, bleu, chrf, write_results
 from training.config import EngineConfig, OptimConfig, ScheduleConfig
 from training.distributed import is_rank0
 from training.engine import Engine
@@ -60,7 +60,8 @@ class LanguageModelSection:
     overrides: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "preset field overrides of a random LM (n_layers, dim, rope_theta, ...)"})
     copy_pretrain: CopyPretrainSection = field(default_factory=CopyPretrainSection, metadata={
-        "help": "text-only training of the LM to repeat a transcript placed in the audio span, then frozen"})
+        "help": "text-only training of the LM to repeat (asr) or translate (ast) the text placed in the audio span, "
+                "then frozen"})
 
     def __post_init__(self):
         if (self.path is None) == (self.preset is None):
@@ -386,12 +387,10 @@ def _finish(cfg, engine, trainer, tokenizer, meta, evaluate, eval_sets, notes, t
     baseline = _most_frequent_reference(cfg.task, train_set)
     for name, (rows, result) in results.items():
         write = dict(result)
-        if cfg.task == "asr":
-            write["baseline_most_frequent"] = {"hypothesis": baseline, **_asr_baseline(rows, baseline, result, cfg)}
+        write["baseline_most_frequent"] = {"hypothesis": baseline, **_baseline_scores(rows, baseline, cfg)}
         write_results(run_dir / "eval", rows, write, name)
         summary[name] = {k: result[k] for k in ("n",) + metric_names + ("wer_basic",) if k in result}
-        if cfg.task == "asr":
-            summary[name]["baseline_wer"] = write["baseline_most_frequent"]["wer"]
+        summary[name].update({f"baseline_{k}": write["baseline_most_frequent"][k] for k in metric_names})
         if cfg.task == "asr" and trainer.ctc_head is not None:  # the encoder alone: is the LM path the bottleneck?
             ctc_rows = speech_eval.ctc_transcribe(trainer.speech, trainer.ctc_head, trainer.blank, tokenizer,
                                                   eval_sets[name][1], cfg.decode_batch_size)
@@ -416,9 +415,9 @@ def _copy_stage(cfg: Config, model, tokenizer, prompter, train_set, run_dir: Pat
     if path.is_file():
         model.language_model.load_state_dict(load_file(str(path)))
         return {"loaded": str(path)}
-    if cfg.task != "asr":
-        raise ConfigError("language_model.copy_pretrain applies to task asr")
-    result = copy_pretrain(model, prompter, tokenizer, [u.text for u in train_set.utterances], section)
+    texts = [u.text for u in train_set.utterances]
+    targets = None if cfg.task == "asr" else [u.translation or "" for u in train_set.utterances]
+    result = copy_pretrain(model, prompter, tokenizer, texts, section, targets=targets)
     if is_rank0():
         path.parent.mkdir(parents=True, exist_ok=True)
         weights = model.language_model.state_dict()  # cloned: tied embeddings share memory
@@ -431,7 +430,11 @@ def _most_frequent_reference(task: str, dataset: SpeechDataset) -> str:
     return refs.most_common(1)[0][0]
 
 
-def _asr_baseline(rows, baseline: str, result: dict, cfg: Config) -> dict:
+def _baseline_scores(rows, baseline: str, cfg: Config) -> dict:
+    """The scores of answering every utterance with the most frequent training reference (what a model that
+    ignores the audio could do best with one answer): ASR wer/cer, AST bleu/chrf."""
     refs = [r["reference"] for r in rows]
-    scores = asr_scores(refs, [baseline] * len(refs), language="en", normalizer=cfg.normalizer)
-    return {"wer": scores["wer"], "cer": scores["cer"]}
+    if cfg.task == "asr":
+        scores = asr_scores(refs, [baseline] * len(refs), language="en", normalizer=cfg.normalizer)
+        return {"wer": scores["wer"], "cer": scores["cer"]}
+    return {"bleu": bleu(refs, [baseline] * len(refs)), "chrf": chrf(refs, [baseline] * len(refs))}

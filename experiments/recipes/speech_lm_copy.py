@@ -101,15 +101,20 @@ def span_embeddings(lm: Llama, span_ids: torch.Tensor, noise: float, generator: 
 
 
 def copy_pretrain(model: SpeechLanguageModel, prompter: SpeechPrompter, tokenizer, texts: Sequence[str],
-                  section: CopyPretrainSection, log: Callable[[str], None] = print) -> dict:
+                  section: CopyPretrainSection, log: Callable[[str], None] = print,
+                  targets: Sequence[str] | None = None) -> dict:
     """Train model.language_model (a `language.Llama`) and the audio marker embeddings on the copy task for
     section.steps steps; leaves every LM parameter frozen (requires_grad False) and the LM in eval mode.
+    With `targets` (one per text: AST's translations) the answer is the target, not the span's text: the LM
+    learns to translate what the span holds (the paper's LM arrives able to translate).
     Returns {"copy_loss_first", "copy_loss_last" (mean of the first / last 10 steps' per-token loss), "seconds"}."""
     lm = model.language_model
     if not isinstance(lm, Llama):
         raise TypeError("copy_pretrain needs a language.Llama language model")
     if not texts:
         raise ValueError("copy_pretrain: no transcripts to copy")
+    if targets is not None and (len(targets) != len(texts) or section.random_words):
+        raise ValueError("copy_pretrain: targets need one per text and random_words 0")
     t0 = time.time()
     rng, generator = random.Random(section.seed), torch.Generator().manual_seed(section.seed)
     pool = list(texts)
@@ -129,8 +134,12 @@ def copy_pretrain(model: SpeechLanguageModel, prompter: SpeechPrompter, tokenize
     lm.train()
     try:
         for step in range(section.steps):
-            batch = draw_texts(pool, section.batch_size, section.random_words, rng)
-            tokens, labels, span_ids, lengths = copy_batch(prompter, [tokenizer.encode(t) for t in batch], batch,
+            if targets is None:
+                batch = answers = draw_texts(pool, section.batch_size, section.random_words, rng)
+            else:
+                picked = [rng.randrange(len(pool)) for _ in range(section.batch_size)]
+                batch, answers = [pool[i] for i in picked], [targets[i] for i in picked]
+            tokens, labels, span_ids, lengths = copy_batch(prompter, [tokenizer.encode(t) for t in batch], answers,
                                                            section, rng)
             speech = span_embeddings(lm, span_ids, section.noise, generator)
             loss, n = model.loss_sum(tokens, labels, speech=speech, speech_lengths=lengths)

@@ -209,6 +209,43 @@ def test_copy_pretrain_teaches_the_lm_then_it_stays_frozen_and_resume_reuses_it(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ast_translation_pretrain_and_bleu_baseline(data, tmp_path):
+    """task ast: the copy stage teaches the LM to answer the span's text with its translation (here a word
+    permutation, so repeating the span is wrong), and the summary scores BLEU/chrF next to the
+    most-frequent-translation baseline."""
+    shift = {"one": "two", "two": "three", "three": "one"}
+    for split in ("train", "test"):
+        rows = [json.loads(x) for x in (data / f"{split}.jsonl").read_text().splitlines()]
+        rows = [{**r, "translation": shift[r["text"]], "translation_language": "en"} for r in rows]
+        (data / f"ast_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    over = dict(task="ast", steps=2, eval_every=100, schedule={"warmup_steps": 1},
+                language_model={"copy_pretrain": {"steps": 40, "lr": 1e-2, "batch_size": 8, "warmup_steps": 3}},
+                data={"train": str(data / "ast_train.jsonl"),
+                      "eval": [{"manifest": str(data / "ast_test.jsonl"), "name": "heldout"}]})
+    run = _run(tmp_path, _adapter_cfg(data, tmp_path / "ast", **over))
+    summary = json.loads((run / "summary.json").read_text())
+    copy = summary["copy_pretrain"]
+    assert copy["copy_loss_last"] < 0.3 * copy["copy_loss_first"]
+    heldout = summary["heldout"]
+    assert {"bleu", "chrf", "baseline_bleu", "baseline_chrf"} <= set(heldout) and "wer" not in heldout
+    assert 0 < heldout["baseline_chrf"] < 100  # one of three words: right on a third of the utterances
+    # the frozen LM, given the span of "one", now says "two" (its translation), not "one"
+    import random as _random
+    from experiments.recipes.speech_eval import load_speech_model
+    from experiments.recipes.speech_lm_copy import CopyPretrainSection, copy_batch, span_embeddings
+    loaded = load_speech_model(run)
+    section = CopyPretrainSection(steps=1, repeat_min=2, repeat_max=2, silence_max=0)
+    losses = {}
+    for answer in ("two", "one"):
+        tokens, labels, span_ids, lengths = copy_batch(loaded.prompter, [loaded.tokenizer.encode("one")], [answer],
+                                                       section, _random.Random(0))
+        speech = span_embeddings(loaded.model.language_model, span_ids, 0.0, torch.Generator())
+        with torch.no_grad():
+            loss, n = loaded.model.loss_sum(tokens, labels, speech=speech, speech_lengths=lengths)
+        losses[answer] = float(loss) / n
+    assert losses["two"] < 0.5 * losses["one"], losses
+
+
 def test_copy_batch_puts_each_token_repeated_between_silences(data):
     import random as _random
     from adapters.speech_inputs import AudioTokens
