@@ -101,7 +101,8 @@ class SpecAugmentSection:
 class CTCSection:
     weight: float = field(default=0.0, metadata={
         "range": (0.0, 100.0), "help": "auxiliary CTC loss on the encoder output (not in the paper: a convergence "
-                                      "aid for small runs; the head is dropped from the final model); 0 = off"})
+                                      "aid for small runs; the head is dropped from the final model); its targets "
+                                      "are the transcripts, also for ast; 0 = off"})
 
 
 @dataclass
@@ -118,6 +119,8 @@ class DataSection:
     train: str = field(default="data/speech/espeak/train.jsonl", metadata={"help": "training manifest"})
     eval: list[EvalSetSection] = field(default_factory=list)
     prepare: bool = field(default=False, metadata={"help": "make missing data with `herd data prepare speech` first"})
+    sets: list[str] = field(default_factory=lambda: ["espeak"], metadata={
+        "help": "the espeak sets data.prepare makes: espeak (digits + commands), sentences, ast"})
     speech_dir: str = field(default="data/speech")
     downloads_dir: str = field(default="data/downloads")
     max_seconds: float = field(default=30.0, metadata={"range": (0.2, None), "help": "longer files are skipped"})
@@ -150,11 +153,14 @@ class Config(RunConfig):
     stop_after_steps: Optional[int] = field(default=None, metadata={"range": (1, None)})
 
     def __post_init__(self):
+        unknown = [x for x in self.data.sets if x not in ("espeak", "sentences", "ast")]
+        if unknown:
+            raise ValueError(f"key 'data.sets': unknown {unknown}; choose from espeak, sentences, ast")
         if self.language_model is None:
             raise ValueError("key 'language_model' is required (path: a checkpoint, or preset + tokenizer)")
         if not self.data.prepare and not Path(self.data.train).is_file():
             raise ValueError(f"key 'data.train': '{self.data.train}' does not exist (data.prepare=true makes the "
-                             "quickstart set)")
+                             "espeak sets of data.sets)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,7 +205,7 @@ class StepBatches(Dataset):
         out = {"tokens": tokens, "labels": labels, "waveforms": batch["waveforms"], "lengths": batch["lengths"]}
         if self.cfg.ctc.weight > 0:
             tokenizer = self.prompter.format.tokenizer
-            targets = [tokenizer.encode(speech_eval.reference(self.prompter.task, item)) for item in items]
+            targets = [tokenizer.encode(item["text"]) for item in items]  # what is spoken (AST: not the translation)
             out["ctc_lengths"] = torch.tensor([len(t) for t in targets])
             out["ctc_targets"] = torch.nn.utils.rnn.pad_sequence([torch.tensor(t) for t in targets], batch_first=True)
         return out
@@ -248,7 +254,8 @@ def spec_augment(features: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugment
 
 def _prepare_data(cfg: Config) -> None:
     from ..data_prep_speech import prepare_speech
-    print("herd: " + prepare_speech(Path(cfg.data.speech_dir), Path(cfg.data.downloads_dir)), flush=True)
+    print("herd: " + prepare_speech(Path(cfg.data.speech_dir), Path(cfg.data.downloads_dir), sets=tuple(cfg.data.sets)),
+          flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -246,6 +246,30 @@ def test_ast_translation_pretrain_and_bleu_baseline(data, tmp_path):
     assert losses["two"] < 0.5 * losses["one"], losses
 
 
+@pytest.mark.parametrize("over, message", [
+    ({"data": {"sets": ["espeak", "librispeech"]}}, "key 'data.sets': unknown ['librispeech']"),
+    ({"data": {"train": "nowhere/train.jsonl"}}, "makes the espeak sets of data.sets"),
+])
+def test_bad_speech_config_is_one_clear_line(data, tmp_path, capsys, over, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_adapter_cfg(data, tmp_path / "runs", **over)))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("herd: error:") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_data_prepare_makes_the_configured_sets(data, tmp_path, monkeypatch):
+    import experiments.data_prep_speech as prep
+    from experiments.cli import resolve_config
+    from experiments.recipes.speech_adapter import _prepare_data
+    seen = {}
+    monkeypatch.setattr(prep, "prepare_speech", lambda out, downloads, sets: seen.update(sets=sets) or "fake")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(_adapter_cfg(data, tmp_path / "runs", data={"prepare": True, "sets": ["ast"]})))
+    _prepare_data(resolve_config(str(path), [])[1])
+    assert seen == {"sets": ("ast",)}
+
+
 def test_copy_batch_puts_each_token_repeated_between_silences(data):
     import random as _random
     from adapters.speech_inputs import AudioTokens
