@@ -78,7 +78,8 @@ def test_sentence_and_ast_sets(tmp_path):
     (corpus / "val.jsonl").write_text(json.dumps({"text": unseen}) + "\n")
     summary = prepare_speech(tmp_path / "speech", tmp_path, espeak=TINY, workers=1, asterisk=False,
                              sets=("sentences", "ast"), corpus_dir=corpus, say=lambda s: None)
-    assert summary.startswith("espeak_sentences: train 12, valid 3, test_heldout 5") and "; espeak_ast: train 12" in summary
+    assert summary.startswith("espeak_sentences: train 12, valid 3, test_heldout 5")
+    assert "; espeak_ast: train 12" in summary
     train, _ = load_jsonl_manifest(tmp_path / "speech" / "espeak_sentences" / "train.jsonl")
     test, _ = load_jsonl_manifest(tmp_path / "speech" / "espeak_sentences" / "test_heldout.jsonl")
     assert {u.text for u in train} <= {"The cat sat on the mat today.", "A dog ran into the garden quickly."}
