@@ -44,6 +44,7 @@ from training.progress import Progress
 
 from ..common import RunConfig, end_of_step
 from ..config import ConfigError, ExistingPath
+from ..data_prep_speech import ESPEAK_SETS
 from . import speech_eval
 from .bestrq_pretrain import EncoderSection, load_encoder_init
 from .speech_lm_copy import CopyPretrainSection, copy_pretrain
@@ -153,9 +154,9 @@ class Config(RunConfig):
     stop_after_steps: Optional[int] = field(default=None, metadata={"range": (1, None)})
 
     def __post_init__(self):
-        unknown = [x for x in self.data.sets if x not in ("espeak", "sentences", "ast")]
+        unknown = [x for x in self.data.sets if x not in ESPEAK_SETS]
         if unknown:
-            raise ValueError(f"key 'data.sets': unknown {unknown}; choose from espeak, sentences, ast")
+            raise ValueError(f"key 'data.sets': unknown {unknown}; choose from {', '.join(ESPEAK_SETS)}")
         if self.language_model is None:
             raise ValueError("key 'language_model' is required (path: a checkpoint, or preset + tokenizer)")
         if not self.data.prepare and not Path(self.data.train).is_file():
@@ -254,8 +255,8 @@ def spec_augment(features: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugment
 
 def _prepare_data(cfg: Config) -> None:
     from ..data_prep_speech import prepare_speech
-    print("herd: " + prepare_speech(Path(cfg.data.speech_dir), Path(cfg.data.downloads_dir), sets=tuple(cfg.data.sets)),
-          flush=True)
+    summary = prepare_speech(Path(cfg.data.speech_dir), Path(cfg.data.downloads_dir), sets=tuple(cfg.data.sets))
+    print(f"herd: {summary}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
