@@ -32,6 +32,7 @@ from adapters.speech_language import SpeechLanguageModel, SpeechPrompter, collat
 from language import preset as llama_preset
 from language.chat_format import chat_format_for
 from speech.audio_io import AudioConfig
+from speech.augment import telephone_band
 from speech.conformer import ConformerConfig
 from speech.features import FeatureConfig
 from speech.speech_dataset import SpeechDataset, collate_speech
@@ -96,6 +97,9 @@ class SpecAugmentSection:
     freq_width: int = field(default=10, metadata={"range": (0, None), "help": "widest band (mel channels)"})
     time_masks: int = field(default=0, metadata={"range": (0, None), "help": "time masks per utterance"})
     time_width: int = field(default=20, metadata={"range": (0, None), "help": "longest time mask (10 ms frames)"})
+    telephone: float = field(default=0.0, metadata={
+        "range": (0.0, 1.0), "help": "fraction of training utterances band-limited like 8 kHz telephone audio "
+                                     "(speech.augment.telephone_band; on the waveform, before the features)"})
 
 
 @dataclass
@@ -331,7 +335,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
     def loss_fn(m, batch):
         with torch.no_grad():
-            features, lengths = frontend(batch["waveforms"], batch["lengths"])
+            waveforms = batch["waveforms"]
+            if m.training and cfg.spec_augment.telephone:
+                waveforms = telephone_band(waveforms, batch["lengths"], cfg.spec_augment.telephone)
+            features, lengths = frontend(waveforms, batch["lengths"])
             if m.training:
                 features = spec_augment(features, lengths, cfg.spec_augment)
         return m(batch["tokens"], features, lengths, batch["labels"], batch.get("ctc_targets"), batch.get("ctc_lengths"))

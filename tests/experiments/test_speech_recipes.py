@@ -249,6 +249,7 @@ def test_ast_translation_pretrain_and_bleu_baseline(data, tmp_path):
 @pytest.mark.parametrize("over, message", [
     ({"data": {"sets": ["espeak", "librispeech"]}}, "key 'data.sets': unknown ['librispeech']"),
     ({"data": {"train": "nowhere/train.jsonl"}}, "makes the espeak sets of data.sets"),
+    ({"spec_augment": {"telephone": 1.5}}, "telephone"),
 ])
 def test_bad_speech_config_is_one_clear_line(data, tmp_path, capsys, over, message):
     path = tmp_path / "bad.yaml"
@@ -256,6 +257,17 @@ def test_bad_speech_config_is_one_clear_line(data, tmp_path, capsys, over, messa
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("herd: error:") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_telephone_band_reaches_training(data, tmp_path):
+    """spec_augment.telephone changes what the model trains on (the first step's loss), nothing else."""
+    over = dict(steps=1, eval_every=100, schedule={"warmup_steps": 0},
+                data={"eval": [{"manifest": str(data / "test.jsonl"), "name": "heldout"}]})
+    losses = []
+    for name, fraction in (("plain", 0.0), ("phone", 1.0)):
+        run = _run(tmp_path, _adapter_cfg(data, tmp_path / name, spec_augment={"telephone": fraction}, **over))
+        losses.append(json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"])
+    assert losses[0] != losses[1]
 
 
 def test_data_prepare_makes_the_configured_sets(data, tmp_path, monkeypatch):
