@@ -13,7 +13,8 @@ Writes
   <out>/espeak_sentences/...  open-vocabulary English: sentences of the text corpus (data/text: train.jsonl for
       train, val.jsonl for valid and test_heldout, so test sentences are unseen too); speech/asr_smollm2.yaml
   <out>/espeak_ast/...        Spanish speech of templated sentences with their English translations (Spanish
-      voices); experiments/speech/ast.yaml
+      voices; test_heldout also on sentences no training row has: speech.synthetic.heldout_sentence);
+      experiments/speech/ast.yaml
 Each part leaves a `.done` file holding its settings; a second run with the same settings does nothing,
 with other settings that part is rebuilt from scratch.
 """
@@ -69,8 +70,10 @@ def _set_items(kind: str, cfg: EspeakSetConfig, corpus_dir: Path) -> tuple[dict,
     if kind == "espeak":
         def make(n, voice_list, seed, prefix):
             return digit_and_command_items(n, voice_list, seed, cfg.digit_fraction, prefix)
-    elif kind == "ast":
-        make = ast_items
+    elif kind == "ast":  # test_heldout: new voices AND new sentences (word combinations training never had)
+        def make(n, voice_list, seed, prefix):
+            return ast_items(n, voice_list, seed, prefix, sentences="heldout" if prefix == "test" else "seen")
+        settings["sentences"] = "test_heldout holds the held-out sentences"
     else:
         texts = {}
         for split, file in (("train", "train.jsonl"), ("test", "val.jsonl")):

@@ -23,6 +23,7 @@ import random
 import re
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -152,6 +153,10 @@ _ES_EN_TEMPLATES = (
 
 def spanish_english_pair(rng: random.Random) -> tuple[str, str]:
     """A templated (Spanish, English) sentence pair, e.g. ('tengo tres gatos', 'I have three cats')."""
+    return _pair_and_slots(rng)[:2]
+
+
+def _pair_and_slots(rng: random.Random) -> tuple[str, str, int]:
     es, en = rng.choice(_ES_EN_TEMPLATES)
     slots = {"room": _ES_EN_ROOMS, "number": _ES_EN_NUMBERS, "plural": _ES_EN_PLURALS, "place": _ES_EN_PLACES,
              "food": _ES_EN_FOODS, "weather": _ES_EN_WEATHER, "person": _ES_EN_PEOPLE, "action": _ES_EN_ACTIONS,
@@ -161,7 +166,7 @@ def spanish_english_pair(rng: random.Random) -> tuple[str, str]:
     en = en.format(**{k: v[1] for k, v in picked.items()})
     if es.startswith("vamos a el "):
         es = es.replace("vamos a el ", "vamos al ", 1)
-    return es, en
+    return es, en, len(picked)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,12 +230,25 @@ def sentence_items(n: int, sentences: Sequence[str], voices: Sequence[str], seed
             for i in range(n)]
 
 
-def ast_items(n: int, voices: Sequence[str], seed: int = 0, prefix: str = "ast") -> list[SynthItem]:
-    """n Spanish speech -> English text items from the templated pairs, on Spanish voices."""
+def heldout_sentence(text: str, n_slots: int, fraction: float = 0.2) -> bool:
+    """Whether a templated sentence is held out: about `fraction` of those with two or more slots (a fixed hash
+    of the text, the same for every seed), so each held-out sentence is a new combination of words that training
+    has (single-slot sentences would take their only example of a word along)."""
+    return n_slots >= 2 and zlib.crc32(text.encode("utf-8")) % 1000 < fraction * 1000
+
+
+def ast_items(n: int, voices: Sequence[str], seed: int = 0, prefix: str = "ast",
+              sentences: str = "any") -> list[SynthItem]:
+    """n Spanish speech -> English text items from the templated pairs, on Spanish voices. sentences: "any",
+    "seen" (never a `heldout_sentence`) or "heldout" (only those: slot combinations training never saw)."""
+    if sentences not in ("any", "seen", "heldout"):
+        raise ValueError(f"sentences must be any, seen or heldout, not {sentences!r}")
     rng = random.Random(seed)
     items = []
     for i in range(n):
-        es, en = spanish_english_pair(rng)
+        es, en, slots = _pair_and_slots(rng)
+        while sentences != "any" and heldout_sentence(es, slots) != (sentences == "heldout"):
+            es, en, slots = _pair_and_slots(rng)
         items.append(SynthItem(f"{prefix}{i:06d}", es, "es", voice_for(rng.choice(voices), rng), en, "en"))
     return items
 

@@ -88,4 +88,6 @@ def test_sentence_and_ast_sets(tmp_path):
     voices = json.loads((tmp_path / "speech" / "espeak_ast" / "voices.json").read_text())
     assert all(u.language == "es" and u.translation_language == "en" and u.translation for u in ast)
     assert all(u.speaker in voices["test_heldout"] and u.speaker.startswith("es") for u in ast)
+    ast_train, _ = load_jsonl_manifest(tmp_path / "speech" / "espeak_ast" / "train.jsonl")
+    assert not {u.text for u in ast} & {u.text for u in ast_train}  # unseen sentences too
     assert not (tmp_path / "speech" / "espeak").exists()

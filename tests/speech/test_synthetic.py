@@ -75,6 +75,11 @@ def test_item_builders_use_the_given_voices_and_ranges():
     assert items == digit_and_command_items(40, ["en-us+f3", "en+m2"], seed=5)
     ast = ast_items(10, ["es+f1"], seed=0)
     assert all(it.language == "es" and it.translation and it.translation_language == "en" for it in ast)
+    seen = ast_items(3000, ["es+f1"], seed=1, sentences="seen")
+    held = ast_items(60, ["es+f1"], seed=2, sentences="heldout")
+    assert not {it.text for it in seen} & {it.text for it in held} and len({it.text for it in held}) > 10
+    words = {w for it in seen for w in (it.text + " " + it.translation).split()}
+    assert all(set((it.text + " " + it.translation).split()) <= words for it in held)  # new combinations only
     sents = sentence_items(5, ["Who goes there?"], ["en-us+m1"])
     assert {it.text for it in sents} == {"Who goes there?"}
 
