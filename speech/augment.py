@@ -18,8 +18,10 @@ def telephone_band(waveforms: torch.Tensor, lengths: torch.Tensor, fraction: flo
     resampled to band_rate and back (length kept; samples past a row's length stay zero)."""
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"telephone_band fraction must lie in [0, 1], got {fraction}")
+    if fraction == 0.0:
+        return waveforms
     picked = torch.rand(waveforms.shape[0]) < fraction
-    if fraction == 0.0 or not picked.any():
+    if not picked.any():
         return waveforms
     rows = waveforms[picked]
     narrow = AF.resample(AF.resample(rows, sample_rate, band_rate), band_rate, sample_rate)

@@ -35,6 +35,7 @@ from speech.audio_io import AudioConfig
 from speech.augment import telephone_band
 from speech.conformer import ConformerConfig
 from speech.features import FeatureConfig
+from speech.manifests import DataError
 from speech.speech_dataset import SpeechDataset, collate_speech
 from speech.speech_metrics import asr_scores, bleu, chrf, write_results
 from training.config import EngineConfig, OptimConfig, ScheduleConfig
@@ -431,7 +432,13 @@ def _copy_stage(cfg: Config, model, tokenizer, prompter, train_set, run_dir: Pat
         model.language_model.load_state_dict(load_file(str(path)))
         return {"loaded": str(path)}
     texts = [u.text for u in train_set.utterances]
-    targets = None if cfg.task == "asr" else [u.translation or "" for u in train_set.utterances]
+    targets = None
+    if cfg.task == "ast":
+        untranslated = [u.source for u in train_set.utterances if not u.translation]
+        if untranslated:
+            raise DataError(f"{untranslated[0]}: AST needs a 'translation' for every utterance "
+                            f"({len(untranslated)} without)")
+        targets = [u.translation for u in train_set.utterances]
     result = copy_pretrain(model, prompter, tokenizer, texts, section, targets=targets)
     if is_rank0():
         path.parent.mkdir(parents=True, exist_ok=True)

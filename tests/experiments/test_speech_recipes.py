@@ -209,7 +209,7 @@ def test_copy_pretrain_teaches_the_lm_then_it_stays_frozen_and_resume_reuses_it(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ast_translation_pretrain_and_bleu_baseline(data, tmp_path):
+def test_ast_translation_pretrain_and_bleu_baseline(data, tmp_path, capsys):
     """task ast: the copy stage teaches the LM to answer the span's text with its translation (here a word
     permutation, so repeating the span is wrong), and the summary scores BLEU/chrF next to the
     most-frequent-translation baseline."""
@@ -244,6 +244,17 @@ def test_ast_translation_pretrain_and_bleu_baseline(data, tmp_path):
             loss, n = loaded.model.loss_sum(tokens, labels, speech=speech, speech_lengths=lengths)
         losses[answer] = float(loss) / n
     assert losses["two"] < 0.5 * losses["one"], losses
+    # a training row without its translation: the text stage names it instead of training an empty answer
+    rows = (data / "ast_train.jsonl").read_text().splitlines()
+    first = {k: v for k, v in json.loads(rows[0]).items() if k != "translation"}
+    (data / "ast_bad.jsonl").write_text("\n".join([json.dumps(first)] + rows[1:]) + "\n")
+    bad_data = {**over["data"], "train": str(data / "ast_bad.jsonl")}
+    bad = _adapter_cfg(data, tmp_path / "bad", **{**over, "data": bad_data})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 2
+    assert "ast_bad.jsonl:1: AST needs a 'translation'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("over, message", [
