@@ -159,10 +159,13 @@ def test_two_processes_through_the_deepspeed_launcher(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(HERE)]), OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = [launcher, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(find_free_port()),
+    port = find_free_port()
+    cmd = [launcher, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
            str(HERE / "training_two_ranks.py"), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's shm all-reduce buffers (one per rank, ~70 MB of memory each) are gone with the run
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
     assert proc.stdout.count("trained, saved and closed") == 2, proc.stdout[-3000:]  # both ranks ran to the end
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
