@@ -136,6 +136,7 @@ class QA:
     question: str
     answer: str
     type: str
+    objects: tuple[int, ...] = ()  # indices into Scene.objects of the objects the question names (for grounding)
 
 
 @dataclass
@@ -277,45 +278,50 @@ def _caption(rng: random.Random, objects, word, digit, word_where, digit_where) 
 
 
 def _candidates(objects, word, digit, config: SceneConfig, split: str, rng: random.Random) -> dict[str, list]:
-    """All askable questions per type: lists of (question, answer, about_heldout)."""
+    """All askable questions per type: lists of (question, answer, about_heldout, named object indices)."""
     heldout = set(config.heldout_pairs)
     novel = lambda *objs: any((o.color, o.shape) in heldout for o in objs)  # noqa: E731
     shape_count = {s: sum(o.shape == s for o in objects) for s in config.shapes}
     color_count = {c: sum(o.color == c for o in objects) for c in config.colors}
     out = {t: [] for t in QA_TYPES}
-    for o in objects:
+    for i, o in enumerate(objects):
         if shape_count[o.shape] == 1:
-            out["color"].append((f"What color is the {o.shape}?", o.color, novel(o)))
+            out["color"].append((f"What color is the {o.shape}?", o.color, novel(o), (i,)))
         if color_count[o.color] == 1:
-            out["shape"].append((f"What shape is the {o.color} object?", o.shape, novel(o)))
+            out["shape"].append((f"What shape is the {o.color} object?", o.shape, novel(o), (i,)))
     # Counts: every present shape and colour, the total, and one absent attribute (answer 0).
     absent = [f"How many {_plural(s)} are there?" for s in config.shapes if not shape_count[s]]
     absent += [f"How many {c} objects are there?" for c in config.colors if not color_count[c]]
-    out["count"] = [(f"How many {_plural(s)} are there?", str(n), False) for s, n in shape_count.items() if n]
-    out["count"] += [(f"How many {c} objects are there?", str(n), False) for c, n in color_count.items() if n]
-    out["count"] += [("How many shapes are there?", str(len(objects)), False)]
-    out["count"] += [(rng.choice(absent), "0", False)] if absent else []
-    unique = [o for o in objects if sum(p.name == o.name for p in objects) == 1]
-    for a in unique:
-        for b in unique:
+    having = lambda test: tuple(i for i, o in enumerate(objects) if test(o))  # noqa: E731
+    out["count"] = [(f"How many {_plural(s)} are there?", str(n), False, having(lambda o: o.shape == s))
+                    for s, n in shape_count.items() if n]
+    out["count"] += [(f"How many {c} objects are there?", str(n), False, having(lambda o: o.color == c))
+                     for c, n in color_count.items() if n]
+    out["count"] += [("How many shapes are there?", str(len(objects)), False, tuple(range(len(objects))))]
+    out["count"] += [(rng.choice(absent), "0", False, ())] if absent else []
+    unique = [i for i, o in enumerate(objects) if sum(p.name == o.name for p in objects) == 1]
+    for i in unique:
+        for j in unique:
+            a, b = objects[i], objects[j]
             if a is b:
                 continue
             if a.col != b.col:
                 out["position"].append((f"Is the {a.name} to the left or to the right of the {b.name}?",
-                                        "left" if a.col < b.col else "right", novel(a, b)))
+                                        "left" if a.col < b.col else "right", novel(a, b), (i, j)))
             if a.row != b.row:
                 out["position"].append((f"Is the {a.name} above or below the {b.name}?",
-                                        "above" if a.row < b.row else "below", novel(a, b)))
+                                        "above" if a.row < b.row else "below", novel(a, b), (i, j)))
     if word is not None:
-        out["text"].append(("What word is written in the image?", word, False))
+        out["text"].append(("What word is written in the image?", word, False, ()))
     if digit is not None:
-        out["text"].append(("What digit is shown in the image?", str(digit), False))
+        out["text"].append(("What digit is shown in the image?", str(digit), False, ()))
     present = {(o.color, o.shape) for o in objects}
     pairs = [p for p in config.train_pairs if p not in present]
     if split == "heldout":
         pairs += [p for p in config.heldout_pairs if p not in present]
-    yes = [(f"Is there a {c} {s}?", "yes", (c, s) in heldout) for c, s in sorted(present)]
-    no = [(f"Is there a {c} {s}?", "no", (c, s) in heldout) for c, s in pairs]
+    yes = [(f"Is there a {c} {s}?", "yes", (c, s) in heldout, having(lambda o: (o.color, o.shape) == (c, s)))
+           for c, s in sorted(present)]
+    no = [(f"Is there a {c} {s}?", "no", (c, s) in heldout, ()) for c, s in pairs]
     out["yesno"] = yes if (rng.random() < 0.5 or not no) else no
     return out
 
@@ -330,10 +336,11 @@ def _pick_questions(candidates: dict[str, list], config: SceneConfig, split: str
         for _ in range(min(config.qa_per_type, len(options))):
             # Answer first, uniformly over the distinct answers on offer, then a question with that answer:
             # flattens answer priors (e.g. counts would otherwise be mostly "1").
-            answer = rng.choice(sorted({a for _, a, _ in options}))
-            question = rng.choice([q for q, a, _ in options if a == answer])
-            options.remove(next(o for o in options if o[0] == question and o[1] == answer))
-            qa.append(QA(question, answer, qtype))
+            answer = rng.choice(sorted({c[1] for c in options}))
+            question = rng.choice([c[0] for c in options if c[1] == answer])
+            picked = next(c for c in options if c[0] == question and c[1] == answer)
+            options.remove(picked)
+            qa.append(QA(question, answer, qtype, picked[3]))
     return qa
 
 
@@ -376,7 +383,7 @@ def write_scene_dataset(out_dir: str | Path, n: int, split: str = "train", seed:
                         config: SceneConfig | None = None) -> Path:
     """Write `out_dir/<split>/<index>.png` and the manifest `out_dir/<split>.jsonl`; returns the manifest.
 
-    One line per scene: {"image": "<split>/000000.png", "caption", "qa": [{question, answer, type}],
+    One line per scene: {"image": "<split>/000000.png", "caption", "qa": [{question, answer, type, objects}],
     "meta": {split, index, seed, word, digit, digit_index, objects: [{shape, color, size, row, col, center}]}}."""
     config = config or SceneConfig()
     out_dir = Path(out_dir)
@@ -424,5 +431,8 @@ def parse_scene_row(row, root: Path, where: str) -> SceneRecord:
     for i, item in enumerate(row["qa"]):
         if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("question", "answer")):
             raise SceneFormatError(f"{where}: qa[{i}] needs string 'question' and 'answer'")
-        qa.append(QA(item["question"], item["answer"], str(item.get("type", ""))))
+        named = item.get("objects", [])
+        if not isinstance(named, list) or not all(isinstance(n, int) and n >= 0 for n in named):
+            raise SceneFormatError(f"{where}: qa[{i}]['objects'] must be a list of object indices")
+        qa.append(QA(item["question"], item["answer"], str(item.get("type", "")), tuple(named)))
     return SceneRecord(root / row["image"], row["caption"], qa, dict(row.get("meta") or {}))

@@ -62,6 +62,22 @@ def test_deterministic_and_order_independent():
     assert not np.array_equal(np.asarray(other.image), np.asarray(a.image))
 
 
+def named_objects(scene, qa) -> list:
+    """The objects a question names (what grounding supervises), from its text: in scene order, except position
+    questions (first named first)."""
+    q, objects = qa.question, scene.objects
+    if qa.type == "position":
+        return sorted((o for o in objects if f" {o.name} " in q or q.endswith(f" {o.name}?")), key=lambda o: q.index(o.name))
+    if qa.type == "color":
+        return [o for o in objects if q == f"What color is the {o.shape}?"]
+    if qa.type == "shape":
+        return [o for o in objects if q == f"What shape is the {o.color} object?"]
+    if qa.type in ("yesno", "count"):
+        return [o for o in objects if o.name in q or f" {o.color} objects" in q or f" {o.shape}s " in q
+                or f" {o.shape}es " in q or q == "How many shapes are there?"]
+    return []
+
+
 @pytest.mark.parametrize("split", ["train", "valid", "heldout"])
 def test_answers_match_the_drawn_scene(split):
     config = SceneConfig(image_size=84)
@@ -74,6 +90,7 @@ def test_answers_match_the_drawn_scene(split):
             assert tuple(image[y, x]) == COLOR_RGB[obj.color], (scene.index, obj)
         for qa in scene.qa:
             assert qa.answer == expected_answer(scene, qa), (split, scene.index, qa)
+            assert named_objects(scene, qa) == [scene.objects[i] for i in qa.objects], (split, scene.index, qa)
             assert qa.answer == qa.answer.strip().lower() and " " not in qa.answer
             types[qa.type] += 1
         assert len({qa.type for qa in scene.qa}) == len(scene.qa)  # qa_per_type = 1
