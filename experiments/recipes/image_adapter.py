@@ -9,6 +9,8 @@ The LM is always frozen (its weights are checked bit-identical at the end); the 
 per `model.freeze`. A random preset LM can first learn the task's text alone (`model.language.prior_pretrain`,
 image_lm_prior.py), as the paper's LM arrives knowing language. Engine checkpoints hold only trainable
 weights; the run records the frozen LM's path.
+On procedural scenes, `grounding.weight` adds an attention-grounding loss (image_grounding.py: the answer position's
+cross-attention is pushed onto the objects the question names; a training aid, not part of the paper's recipe).
 Held-out VQA accuracy (greedy short answers, exact match after VQA normalisation, per question type) is
 logged every `eval.every` steps, and the final evaluation adds the image-blind and blank-image controls.
 `final/` holds every non-LM weight (`adapter.safetensors`) and `model.json` (see image_common.py).
@@ -48,6 +50,7 @@ from .image_common import (ADAPTER_FILE, MODEL_FILE, ModelSection, _from_record,
                            build_encoder, build_language, composed_config, find_model_folder, non_language_state,
                            resolve_path, save_image_model)
 from .image_data import DataSection, PromptFormat, PromptSection, manifest_vqa_items, scene_vqa_items, training_samples
+from .image_grounding import AttentionGrounding, GroundingSection, grounding_targets
 from .image_lm_prior import AnswersByForm, prior_pretrain, without_image
 from .vqa_eval import evaluate_vqa, summarize, write_predictions
 
@@ -82,6 +85,7 @@ class Config(RunConfig):
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=20))
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalSection = field(default_factory=EvalSection)
+    grounding: GroundingSection = field(default_factory=GroundingSection)
     checkpoint_every: int = field(default=100, metadata={"range": (1, None)})
     stop_after_steps: Optional[int] = field(default=None, metadata={
         "range": (1, None), "help": "stop with a checkpoint after this many steps (resume=true continues)"})
@@ -94,6 +98,12 @@ class Config(RunConfig):
         if self.engine.backend == "deepspeed" and self.engine.zero_stage == 3 and not self.model.always_run_encoder:
             raise ValueError("engine.zero_stage=3 needs model.always_run_encoder=true (every rank must run every "
                              "module, also on batches without images)")
+        if self.grounding.weight and (self.data.train_manifest or self.data.task != "vqa"):
+            raise ValueError("grounding.weight needs procedural scenes (no data.train_manifest) and data.task=vqa: "
+                             "it needs to know where the objects a question names are")
+        if self.grounding.weight and self.engine.backend == "deepspeed" and self.engine.zero_stage == 3:
+            raise ValueError("grounding.weight recomputes attention outside the blocks' forward, where ZeRO-3 keeps "
+                             "their weights partitioned: use engine.zero_stage <= 2")
         prior = self.model.language.prior_pretrain
         if prior.steps and prior.redraw_answers and (self.data.train_manifest or self.data.task != "vqa"):
             raise ValueError("model.language.prior_pretrain.redraw_answers pools the question-answer pairs of "
@@ -106,6 +116,20 @@ def loss_fn(model, batch: dict):
     labels = batch["labels"]
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (labels != IGNORE_INDEX).sum()
+
+
+def grounded_loss_fn(grounding: AttentionGrounding, weight: float):
+    """`loss_fn` + weight x the attention-grounding loss of the batch's "grounding" rows (image_grounding.py)."""
+    def loss_with_grounding(model, batch: dict):
+        grounding.recording = batch.get("grounding") is not None
+        try:
+            loss, count = loss_fn(model, batch)
+            if grounding.recording:
+                loss = loss + weight * grounding.loss(batch["grounding"])
+        finally:
+            grounding.recording, grounding.inputs = False, []
+        return loss, count
+    return loss_with_grounding
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -236,6 +260,24 @@ def _prior_stage(cfg: Config, model: VisionLanguageModel, fmt: PromptFormat, tra
     return note
 
 
+def _training_loss(cfg: Config, model: VisionLanguageModel, collate):
+    """-> (collate, loss_fn) of the training steps: with grounding.weight, batches carry the grounded questions'
+    targets and the loss adds the attention-grounding term (image_grounding.py)."""
+    if not cfg.grounding.weight:
+        return collate, loss_fn
+    vision = model.config.vision
+    if vision.max_num_tiles != 1:
+        raise ConfigError(f"grounding.weight needs one tile per image (model.vision.max_num_tiles 1, got "
+                          f"{vision.max_num_tiles}): targets are patches of the scene's single tile")
+    per_tile = -(-vision.seq_len // vision.patch_padding_multiple) * vision.patch_padding_multiple
+
+    def collate_with_targets(samples: list[dict]) -> dict:
+        batch = collate(samples)
+        batch["grounding"] = grounding_targets(samples, cfg.grounding, vision.image_size, vision.patch_size, per_tile)
+        return batch
+    return collate_with_targets, grounded_loss_fn(AttentionGrounding(model), cfg.grounding.weight)
+
+
 def weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -266,6 +308,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     loss_samples = training_samples(cfg.data, tiling, cfg.seed, split=loss_split)
     collate = ImageTextCollator(model.config.image_token_id, tiling, model.config.image_token_policy, fmt.pad_id)
     prior_note = _prior_stage(cfg, model, fmt, train, collate, run_dir)
+    train_collate, train_loss = _training_loss(cfg, model, collate)
     lm_digest = None if zero3 else weights_digest(model.language_model)
     counts = parameter_counts(model)
     engine = Engine(model, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)
@@ -314,8 +357,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     while state["position"] < cfg.steps:
         t0 = time.perf_counter()
         samples = batch_at(state["position"], cfg.batch_size, train, "train")
-        micro = [collate(samples[k::accum]) for k in range(accum)]
-        result = engine.train_step(micro, loss_fn)
+        micro = [train_collate(samples[k::accum]) for k in range(accum)]
+        result = engine.train_step(micro, train_loss)
         train_time += time.perf_counter() - t0
         state["position"] += 1
         state["skipped"] += int(result.skipped)

@@ -111,7 +111,8 @@ class SceneSamples:
             qa = [q for q in scene.qa if q.type in self.scenes.qa_types]
             if qa or not self.need_qa:
                 return ImageSample([tile_image(scene.image, self.tiling)], scene.caption, qa, [],
-                                   f"scene {self.split}/{scene.index}", scene.index)
+                                   f"scene {self.split}/{scene.index}", scene.index,
+                                   {"scene_objects": scene.objects, "image_size": self.config.image_size})
         raise DataError(f"no {self.split} scene near index {index} has a question of types {self.scenes.qa_types}")
 
 
@@ -197,6 +198,7 @@ class PromptFormat:
 
     # -- training samples
     def training_sample(self, sample: ImageSample, task: str, n_questions: int, rng: random.Random) -> dict:
+        extra = {}
         if task == "caption":
             if sample.caption is None:
                 raise DataError(f"{sample.source}: data.task=caption but the sample has no caption")
@@ -208,9 +210,10 @@ class PromptFormat:
                 raise DataError(f"{sample.source}: data.task=vqa but the sample has no qa")
             qa = rng.sample(sample.qa, min(n_questions, len(sample.qa)))
             ids, labels = self._questions([(q.question, q.answer) for q in qa])
+            extra = {"qa": qa, "meta": sample.meta}  # which questions, for attention grounding
         if len(ids) > self.max_seq_len:
             raise DataError(f"{sample.source}: {len(ids)} tokens, longer than the LM's max_seq_len {self.max_seq_len}")
-        return {"tokens": ids, "labels": labels, "images": sample.images, "id": sample.source}
+        return {"tokens": ids, "labels": labels, "images": sample.images, "id": sample.source, **extra}
 
     def _questions(self, pairs: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
         if self.chat is not None:

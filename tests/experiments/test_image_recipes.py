@@ -115,6 +115,18 @@ def test_image_adapter_writes_everything_and_keeps_the_lm_frozen(chain):
     assert any("eval_heldout_vqa_accuracy" in r for r in records) and any("eval_vqa_accuracy" in r for r in records)
 
 
+def test_attention_grounding_adds_its_loss_to_the_same_first_step(chain, tmp_path):
+    (plain,) = runs_of(chain, "img")
+    cfg = yaml.safe_load((chain / "adapter.yaml").read_text())
+    cfg.update(output_dir=str(tmp_path / "runs"), steps=2, grounding={"weight": 2.0})
+    cfg["eval"]["every"] = 100
+    assert main(["run", str(write(tmp_path / "g.yaml", cfg))]) == 0
+    (grounded,) = runs_of(tmp_path, "img")
+    # same weights and batch at step 1: the grounding term (-log attention mass on the named objects) comes on top
+    assert losses(grounded)[0] > losses(plain)[0] + 0.1, (losses(grounded)[0], losses(plain)[0])
+    assert "grounding" in yaml.safe_load((grounded / "config.yaml").read_text())
+
+
 def test_stop_and_resume_equals_an_uninterrupted_run(chain, tmp_path):
     (full,) = runs_of(chain, "img")
     cfg = yaml.safe_load((chain / "adapter.yaml").read_text())
@@ -253,6 +265,11 @@ def test_answers_by_form_pool_per_masked_question_and_break_the_colour_shape_pai
     ("model.language.prior_pretrain.steps=2 model.language.prior_pretrain.redraw_answers=1 data.task=caption",
      "redraw_answers pools the question-answer pairs of procedural scenes"),
     ("model.language.prior_pretrain.redraw_answers=1.5", "redraw_answers"),
+    ("grounding.weight=1 data.task=caption", "grounding.weight needs procedural scenes"),
+    ("grounding.weight=1 model.vision.max_num_tiles=2", "grounding.weight needs one tile per image"),
+    ("grounding.question_types=[text]", "question_types"),
+    ("grounding.weight=1 engine.backend=deepspeed engine.zero_stage=3 model.always_run_encoder=true",
+     "use engine.zero_stage <= 2"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, capsys, override, message):
     path = write(tmp_path / "bad.yaml", adapter_cfg(tmp_path))
