@@ -261,10 +261,10 @@ def _prior_stage(cfg: Config, model: VisionLanguageModel, fmt: PromptFormat, tra
 
 
 def _training_loss(cfg: Config, model: VisionLanguageModel, collate):
-    """-> (collate, loss_fn) of the training steps: with grounding.weight, batches carry the grounded questions'
-    targets and the loss adds the attention-grounding term (image_grounding.py)."""
+    """-> (collate, loss_fn, AttentionGrounding or None) of the training steps: with grounding.weight, batches carry
+    the grounded questions' targets and the loss adds the attention-grounding term (image_grounding.py)."""
     if not cfg.grounding.weight:
-        return collate, loss_fn
+        return collate, loss_fn, None
     vision = model.config.vision
     if vision.max_num_tiles != 1:
         raise ConfigError(f"grounding.weight needs one tile per image (model.vision.max_num_tiles 1, got "
@@ -275,7 +275,8 @@ def _training_loss(cfg: Config, model: VisionLanguageModel, collate):
         batch = collate(samples)
         batch["grounding"] = grounding_targets(samples, cfg.grounding, vision.image_size, vision.patch_size, per_tile)
         return batch
-    return collate_with_targets, grounded_loss_fn(AttentionGrounding(model), cfg.grounding.weight)
+    grounding = AttentionGrounding(model)
+    return collate_with_targets, grounded_loss_fn(grounding, cfg.grounding.weight), grounding
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -308,7 +309,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     loss_samples = training_samples(cfg.data, tiling, cfg.seed, split=loss_split)
     collate = ImageTextCollator(model.config.image_token_id, tiling, model.config.image_token_policy, fmt.pad_id)
     prior_note = _prior_stage(cfg, model, fmt, train, collate, run_dir)
-    train_collate, train_loss = _training_loss(cfg, model, collate)
+    train_collate, train_loss, grounding = _training_loss(cfg, model, collate)
     lm_digest = None if zero3 else weights_digest(model.language_model)
     counts = parameter_counts(model)
     engine = Engine(model, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)
@@ -364,8 +365,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
         state["skipped"] += int(result.skipped)
         position = state["position"]
         progress.update(position, result.loss, result.tokens)
-        logger.log(position, {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                              "tokens": result.tokens, "skipped": result.skipped})
+        record = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "tokens": result.tokens,
+                  "skipped": result.skipped}
+        mass = grounding.take_mean_mass() if grounding is not None else None
+        if mass is not None:  # the loss includes the grounding term; this is what that term pushes up
+            record["grounding_attention_mass"] = mass
+        logger.log(position, record)
         if position % cfg.eval.every == 0 and position < cfg.steps:
             evaluate(position)
             model.train()

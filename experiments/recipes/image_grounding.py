@@ -104,6 +104,7 @@ class AttentionGrounding:
         if not self.handles:
             raise ValueError("attention grounding: the model has no cross-attention blocks")
         self.recording = False
+        self.mass_sum, self.mass_count = 0.0, 0  # attention mass on the targets, for logging (`take_mean_mass`)
 
     def _capture(self, module, args, output) -> None:
         if self.recording:
@@ -123,8 +124,15 @@ class AttentionGrounding:
                                  f"{targets.shape[-1]} (one image of one tile is supported)")
             mass = (probs * targets[:, None]).sum(-1).mean(-1)  # (N,)
             nll.append(-mass.clamp_min(1e-6).log())
+            self.mass_sum, self.mass_count = self.mass_sum + float(mass.detach().sum()), self.mass_count + len(mass)
         self.inputs = []
         return torch.stack(nll).mean(0).sum()
+
+    def take_mean_mass(self) -> float | None:
+        """Mean attention mass on the named objects since the last call (over blocks and questions), or None."""
+        mean = self.mass_sum / self.mass_count if self.mass_count else None
+        self.mass_sum, self.mass_count = 0.0, 0
+        return mean
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -125,6 +125,9 @@ def test_attention_grounding_adds_its_loss_to_the_same_first_step(chain, tmp_pat
     # same weights and batch at step 1: the grounding term (-log attention mass on the named objects) comes on top
     assert losses(grounded)[0] > losses(plain)[0] + 0.1, (losses(grounded)[0], losses(plain)[0])
     assert "grounding" in yaml.safe_load((grounded / "config.yaml").read_text())
+    records = [json.loads(line) for line in (grounded / "metrics.jsonl").read_text().splitlines()]
+    masses = [r.get("grounding_attention_mass") for r in records if "loss" in r]
+    assert len(masses) == 2 and masses[0] is not None and all(m is None or 0 < m < 1 for m in masses)
 
 
 def test_stop_and_resume_equals_an_uninterrupted_run(chain, tmp_path):
