@@ -11,7 +11,8 @@ Writes
       whose espeak variant never occurs in training (`speech.synthetic.split_voices`)
   optional sets (`sets=`), the same layout and voice split:
   <out>/espeak_sentences/...  open-vocabulary English: sentences of the text corpus (data/text: train.jsonl for
-      train, val.jsonl for valid and test_heldout, so test sentences are unseen too); speech/asr_smollm2.yaml
+      train, val.jsonl for valid and test_heldout, so test sentences are unseen too);
+      experiments/speech/asr_smollm2.yaml
   <out>/espeak_ast/...        Spanish speech of templated sentences with their English translations (Spanish
       voices; test_heldout also on sentences no training row has: speech.synthetic.heldout_sentence);
       experiments/speech/ast.yaml

@@ -122,6 +122,10 @@ class SceneObject:
     def where(self) -> str:
         return cell_name(self.row, self.col)
 
+    def radius(self, image_size: int) -> float:
+        """Half-width in pixels in a scene of `image_size` pixels (circle radius; polygon circumradius)."""
+        return SIZE_RADIUS[self.size] * (image_size / GRID)
+
 
 def cell_name(row: int, col: int) -> str:
     """'top left', 'center', 'bottom' ... for a grid cell."""
@@ -230,7 +234,7 @@ def _render(rng: random.Random, config: SceneConfig, objects, word, word_cell, d
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     for obj in objects:
-        r = SIZE_RADIUS[obj.size] * cell
+        r = obj.radius(size)
         cx, cy = obj.center
         rgb = COLOR_RGB[obj.color]
         if obj.shape == "circle":

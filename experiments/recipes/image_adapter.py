@@ -308,8 +308,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     loss_split = "heldout" if cfg.data.eval_manifest else splits[0]
     loss_samples = training_samples(cfg.data, tiling, cfg.seed, split=loss_split)
     collate = ImageTextCollator(model.config.image_token_id, tiling, model.config.image_token_policy, fmt.pad_id)
+    train_collate, train_loss, grounding = _training_loss(cfg, model, collate)  # checks grounding's config first
     prior_note = _prior_stage(cfg, model, fmt, train, collate, run_dir)
-    train_collate, train_loss, grounding = _training_loss(cfg, model, collate)
     lm_digest = None if zero3 else weights_digest(model.language_model)
     counts = parameter_counts(model)
     engine = Engine(model, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)

@@ -25,7 +25,6 @@ import torch
 
 from adapters.cross_attention import CrossAttention
 from adapters.image_tokens import IGNORE_INDEX
-from vision.scenes import GRID, SIZE_RADIUS
 
 GROUNDABLE = ("color", "shape", "position", "yesno", "count")
 
@@ -44,8 +43,7 @@ class GroundingSection:
 
 def object_discs(objects, image_size: int) -> list[tuple[float, float, float]]:
     """Scene objects -> (x, y, radius) in pixels of the scene image."""
-    cell = image_size / GRID
-    return [(o.center[0], o.center[1], SIZE_RADIUS[o.size] * cell) for o in objects]
+    return [(o.center[0], o.center[1], o.radius(image_size)) for o in objects]
 
 
 def patch_targets(discs, image_size: int, tile_size: int, patch_size: int, tokens_per_tile: int) -> torch.Tensor:

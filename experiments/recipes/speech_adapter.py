@@ -46,7 +46,7 @@ from training.progress import Progress
 
 from ..common import RunConfig, end_of_step
 from ..config import ConfigError, ExistingPath
-from ..data_prep_speech import ESPEAK_SETS
+from ..data_prep_speech import ESPEAK_SETS, prepare_speech
 from . import speech_eval
 from .bestrq_pretrain import EncoderSection, load_encoder_init
 from .speech_lm_copy import CopyPretrainSection, copy_pretrain
@@ -259,7 +259,6 @@ def spec_augment(features: torch.Tensor, lengths: torch.Tensor, cfg: SpecAugment
 
 
 def _prepare_data(cfg: Config) -> None:
-    from ..data_prep_speech import prepare_speech
     summary = prepare_speech(Path(cfg.data.speech_dir), Path(cfg.data.downloads_dir), sets=tuple(cfg.data.sets))
     print(f"herd: {summary}", flush=True)
 

@@ -31,9 +31,10 @@ def test_recomputed_probabilities_are_the_blocks_attention():
     kv = attn.project_kv(states)
     out = attn(x, kv, allowed)  # SDPA
     rows, positions = torch.tensor([0, 1, 1]), torch.tensor([4, 0, 3])
-    probs = attention_probs(attn, x[rows, positions], kv.keys[rows], allowed[rows, 0, positions])  # (3, H, S)
-    assert torch.allclose(probs.sum(-1), torch.ones(3, 4)) and not probs[~allowed[rows, 0, positions][:, None]
-                                                                         .expand_as(probs)].any()
+    seen = allowed[rows, 0, positions]  # (3, S)
+    probs = attention_probs(attn, x[rows, positions], kv.keys[rows], seen)  # (3, H, S)
+    assert torch.allclose(probs.sum(-1), torch.ones(3, 4))
+    assert (probs * ~seen[:, None]).abs().max() == 0  # nothing on masked image tokens
     values = kv.values[rows].repeat_interleave(2, 1)  # (3, H, S, hd)
     mixed = torch.einsum("nhs,nhsd->nhd", probs, values).flatten(1)
     assert torch.allclose(attn.o_proj(mixed), out[rows, positions], atol=1e-5)

@@ -282,11 +282,11 @@ def test_telephone_band_reaches_training(data, tmp_path):
 
 
 def test_data_prepare_makes_the_configured_sets(data, tmp_path, monkeypatch):
-    import experiments.data_prep_speech as prep
+    import experiments.recipes.speech_adapter as recipe
     from experiments.cli import resolve_config
     from experiments.recipes.speech_adapter import _prepare_data
     seen = {}
-    monkeypatch.setattr(prep, "prepare_speech", lambda out, downloads, sets: seen.update(sets=sets) or "fake")
+    monkeypatch.setattr(recipe, "prepare_speech", lambda out, downloads, sets: seen.update(sets=sets) or "fake")
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(_adapter_cfg(data, tmp_path / "runs", data={"prepare": True, "sets": ["ast"]})))
     _prepare_data(resolve_config(str(path), [])[1])
