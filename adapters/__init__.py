@@ -1,4 +1,4 @@
-"""The multimodal composition around a frozen language model (see ARCHITECTURE.md): gated cross-attention
+"""The multimodal composition around a frozen language model (see docs/ARCHITECTURE.md): gated cross-attention
 image adapters, the composed VisionLanguageModel (HF Mllama import), the speech adapter and the freezing
 policy per training stage."""
 from .freezing import FreezePolicy, stage_policy

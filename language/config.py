@@ -73,7 +73,7 @@ PRESETS: dict[str, dict] = {
                         rope_scaling=_LLAMA32_SCALING, max_seq_len=131072),
     "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True,
                         rope_scaling=_LLAMA32_SCALING, max_seq_len=131072),
-    # SmolLM2-135M (Llama architecture; DATA.md): the real weights available offline.
+    # SmolLM2-135M (Llama architecture; docs/DATA.md): the real weights available offline.
     "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                          rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192),
     # Tiny sizes for tests and CPU runs.

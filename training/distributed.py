@@ -130,7 +130,7 @@ def exit_without_teardown(code: int = 0) -> None:
     """Leave a finished rank now: flush logs and stdio, then ``os._exit(code)`` (no interpreter teardown).
 
     gloo/DeepSpeed threads sometimes abort a rank at interpreter exit, after all its work is done ("terminate
-    called without an active exception", SIGABRT; ~4% of 2-rank CPU runs, ../shared/ENVIRONMENT.md), and the
+    called without an active exception", SIGABRT; ~4% of 2-rank CPU runs, docs/ENVIRONMENT.md), and the
     launcher then reports the whole run as failed. Call only once every engine is closed and every file written.
     """
     import logging

@@ -1,1 +1,1 @@
-"""Frame sampling, temporal aggregator, video data and metrics (see ARCHITECTURE.md). Built in a later issue."""
+"""Frame sampling, temporal aggregator, video data and metrics (see docs/ARCHITECTURE.md). Built in a later issue."""
