@@ -19,3 +19,31 @@ def smollm2_gguf() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return SMOLLM2_GGUF
+
+
+@pytest.fixture
+def herd_two_ranks():
+    """Runs `herd ARGS...` as 2 CPU ranks under the DeepSpeed launcher (gloo) in `cwd`; fails with the output's
+    tail when the run fails. Every recipe trains multi-rank through the DeepSpeed backend."""
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    from training.distributed import find_free_port
+    bin_dir = os.path.dirname(sys.executable)
+    launcher, herd = shutil.which("deepspeed", path=bin_dir), shutil.which("herd", path=bin_dir)
+    if not (launcher and herd):
+        pytest.skip("deepspeed launcher or herd script not installed next to python")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+
+    def run(*args: str, cwd: Path | None = None):
+        cmd = [launcher, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(find_free_port()),
+               herd, *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+    return run

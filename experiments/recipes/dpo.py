@@ -30,7 +30,7 @@ from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
 from .posttrain_common import (AverageSection, EpochStream, ModelSection, StepMetrics, TokenizerSection,
                                TrainSection, finish_stage, load_lm, load_tokenizer_and_format, permutation,
-                               post_training_optim, resolve_checkpoint, save_lm, split_micro, steps_for, train)
+                               post_training_optim, resolve_checkpoint, save_lm, steps_for, train)
 from .posttrain_eval import TaskEval, TaskEvalSection, report_dict
 
 REFERENCE_FILE = "reference_logprobs.pt"
@@ -123,10 +123,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     total_steps = steps_for(cfg.train, len(examples))
     metrics = StepMetrics()
 
-    def batch_at(step: int) -> list[dict]:
-        items = stream.take(step * cfg.train.batch_size, cfg.train.batch_size)
-        return [{**collate_pairs([examples[i] for i in part], pad_id), "reference": ref[part]}
-                for part in split_micro(items, cfg.engine.grad_accum_steps)]
+    def rows_at(step: int) -> list[int]:
+        return stream.take(step * cfg.train.batch_size, cfg.train.batch_size)
+
+    def collate(part: list[int]) -> dict:
+        return {**collate_pairs([examples[i] for i in part], pad_id), "reference": ref[part]}
 
     def loss_fn(model, batch):
         chosen, rejected, nll_sum, n_tokens = pair_logprobs(model, batch)
@@ -137,7 +138,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         return loss_sum, n
 
     initial = task_eval.initial(run_dir, policy)
-    outcome = train(cfg, run_dir, policy, total_steps=total_steps, batch_at=batch_at, loss_fn=loss_fn,
+    outcome = train(cfg, run_dir, policy, total_steps=total_steps, rows_at=rows_at, collate=collate, loss_fn=loss_fn,
                     evaluate=task_eval.metrics, metrics=metrics)
     summary = {"steps": outcome.steps, "planned_steps": total_steps, "last_loss": outcome.last_loss,
                "data": report_dict(report), "pairs": len(examples), "beta": cfg.beta, "nll_coef": cfg.nll_coef}

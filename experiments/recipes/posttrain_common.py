@@ -3,9 +3,9 @@
 - config sections: where the model and tokenizer come from, the step budget, final-model averaging;
 - `load_lm` / `load_tokenizer_and_format`: an HF folder, a GGUF file, a Meta folder, or a run folder
   (its `final/`), or a preset from scratch;
-- `train`: the step loop every recipe runs on `training.Engine` (deterministic batches from the step
-  number, so a resumed run equals an uninterrupted one; metrics.jsonl, progress, checkpoints, averaging
-  of the last snapshots into the final model).
+- `train`: a post-training run through the one training loop (`training.loop.fit`: deterministic batches
+  from the step number, so a resumed run equals an uninterrupted one; each rank trains on its share of a
+  step's examples), plus averaging of the last snapshots into the final model.
 Held-out evaluation (prompt files, task accuracy, noise estimates) is in posttrain_eval.py.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ from training.averaging import average_state_dicts, save_snapshot, snapshot_path
 from training.config import OptimConfig
 from training.distributed import is_rank0
 from training.engine import Engine
+from training.loop import Cadence, fit
 from training.metrics import MetricsLogger, plot_curves
-from training.progress import Progress
 
 from ..config import ConfigError, ExistingPath
 from .posttrain_eval import write_json
@@ -193,58 +193,60 @@ class TrainResult:
     wall_time_s: float
 
 
-def train(cfg, run_dir: Path, model: torch.nn.Module, *, total_steps: int, batch_at: Callable[[int], list[dict]],
-          loss_fn, evaluate: Optional[Callable[[torch.nn.Module], dict]] = None,
+@dataclass
+class _PostTrainingTask:
+    """The loop's view of a post-training recipe (training/loop.py): examples, collation, loss, evaluation,
+    and snapshots of the last steps for averaging."""
+    rows: Callable[[int], list]
+    collate: Callable[[list], dict]
+    loss: Callable
+    run_dir: Path
+    engine: Engine
+    average: "AverageSection"
+    total_steps: int
+    evaluate_module: Optional[Callable[[torch.nn.Module], dict]] = None
+    metrics: Optional[StepMetrics] = None
+
+    def step_metrics(self) -> dict:
+        return self.metrics.pop() if self.metrics else {}
+
+    def evaluate(self, step: int) -> dict:
+        return _evaluate(self.evaluate_module, self.engine.module) if self.evaluate_module else {}
+
+    def after_step(self, step: int, result, state: dict) -> None:
+        avg = self.average
+        snapshot_from = self.total_steps - (avg.snapshots - 1) * avg.every
+        if avg.snapshots > 1 and step >= snapshot_from and (self.total_steps - step) % avg.every == 0:
+            weights = self.engine.trainable_state_dict()  # a collective under ZeRO-3: every rank calls
+            path = save_snapshot(weights, self.run_dir / "average", step) if is_rank0() else \
+                snapshot_path(self.run_dir / "average", step)
+            state["snapshots"] = (state["snapshots"] + [str(path)])[-avg.snapshots:]
+
+
+def train(cfg, run_dir: Path, model: torch.nn.Module, *, total_steps: int, rows_at: Callable[[int], list],
+          collate: Callable[[list], dict], loss_fn, evaluate: Optional[Callable[[torch.nn.Module], dict]] = None,
           metrics: Optional[StepMetrics] = None) -> TrainResult:
-    """Run `total_steps` optimizer steps. `batch_at(i)` -> the micro-batches of step i (deterministic in i);
-    `evaluate(module)` -> {eval_*: value} every `cfg.eval_every` steps and at the end; `cfg` provides
-    optim, schedule, engine, average, eval_every, checkpoint_every, stop_after_steps, seed, experiment."""
+    """Run `total_steps` optimizer steps through the training loop (training.loop.fit). `rows_at(i)` -> the
+    examples of step i for all ranks (deterministic in i), `collate(examples)` -> one micro-batch;
+    `evaluate(module)` -> {eval_*: value} every `cfg.eval_every` steps; `cfg` provides optim, schedule, engine,
+    average, eval_every, checkpoint_every, stop_after_steps, seed, experiment."""
     t0 = time.time()
     try:
         engine = Engine(model, cfg.engine, cfg.optim, cfg.schedule, total_steps=total_steps, run_dir=run_dir,
                         seed=cfg.seed)
     except ValueError as e:
         raise ConfigError(f"{e} (this run has {total_steps} steps)") from None
-    state = engine.resume() or {"position": 0, "snapshots": []}
-    if state["position"]:
-        print(f"herd: resumed at step {state['position']} of {total_steps}", flush=True)
-    logger = MetricsLogger(run_dir)
-    progress = Progress(total_steps, initial=state["position"], print_every=max(1, total_steps // 10),
-                        desc=cfg.experiment)
-    avg = cfg.average
-    snapshot_from = total_steps - (avg.snapshots - 1) * avg.every
+    state = engine.resume() or {"step": 0, "snapshots": []}
+    task = _PostTrainingTask(rows_at, collate, loss_fn, run_dir, engine, cfg.average, total_steps, evaluate, metrics)
+    cadence = Cadence(total_steps, cfg.checkpoint_every, cfg.eval_every, cfg.stop_after_steps)
     model.train()
-    result = None
-    stopped = False
-    while state["position"] < total_steps:
-        result = engine.train_step(batch_at(state["position"]), loss_fn)
-        state["position"] += 1
-        position = state["position"]
-        progress.update(position, result.loss, result.tokens)
-        record = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "tokens": result.tokens,
-                  "skipped": result.skipped, **(metrics.pop() if metrics else {})}
-        if evaluate is not None and position % cfg.eval_every == 0 and position < total_steps:
-            record.update(_evaluate(evaluate, engine.module))
-        logger.log(position, record)
-        if avg.snapshots > 1 and position >= snapshot_from and (total_steps - position) % avg.every == 0:
-            weights = engine.trainable_state_dict()
-            path = save_snapshot(weights, run_dir / "average", position) if is_rank0() else \
-                snapshot_path(run_dir / "average", position)
-            state["snapshots"] = (state["snapshots"] + [str(path)])[-avg.snapshots:]
-        finished = position == total_steps
-        stopped = cfg.stop_after_steps is not None and position >= cfg.stop_after_steps and not finished
-        if position % cfg.checkpoint_every == 0 or finished or stopped:
-            engine.save_checkpoint(state)
-        if stopped:
-            break
-    progress.close()
-    if not stopped:
+    fitted = fit(engine, task, cadence, state, MetricsLogger(run_dir), desc=cfg.experiment, seed=cfg.seed)
+    if not fitted.stopped:
         snapshots = [Path(p) for p in state["snapshots"] if Path(p).is_file()]
         if len(snapshots) > 1:
             engine.load_trainable_state_dict(average_state_dicts(snapshots))
             state["averaged_snapshots"] = len(snapshots)
-    last_loss = result.loss if result is not None else float("nan")
-    return TrainResult(engine, state, stopped, state["position"], last_loss, round(time.time() - t0, 1))
+    return TrainResult(engine, state, fitted.stopped, state["step"], fitted.last_loss, round(time.time() - t0, 1))
 
 
 def _evaluate(evaluate, module) -> dict:
@@ -267,10 +269,3 @@ def finish_stage(outcome, run_dir: Path, summary: dict, save: Callable[[Path], o
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     outcome.engine.close()
     return summary
-
-
-def split_micro(items: list, n: int) -> list[list]:
-    """Items of one step -> n micro-batches (interleaved, as text_pretrain splits rows)."""
-    if len(items) < n:
-        raise ConfigError(f"engine.grad_accum_steps {n} exceeds the {len(items)} examples of a step")
-    return [items[i::n] for i in range(n)]

@@ -29,7 +29,7 @@ from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
 from .posttrain_common import (AverageSection, EpochStream, ModelSection, StepMetrics, TokenizerSection,
                                TrainSection, finish_stage, load_lm, load_tokenizer_and_format, permutation,
-                               post_training_optim, resolve_checkpoint, split_micro, steps_for, train)
+                               post_training_optim, resolve_checkpoint, steps_for, train)
 from .posttrain_eval import binomial_se, report_dict, write_json
 
 
@@ -133,10 +133,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     total_steps = steps_for(cfg.train, len(examples))
     metrics = StepMetrics()
 
-    def batch_at(step: int) -> list[dict]:
-        items = stream.take(step * cfg.train.batch_size, cfg.train.batch_size)
-        return [collate_reward_rows([reward_row(examples[i], shuffle_seed=(cfg.seed, e, i)) for e, i in part], pad_id)
-                for part in split_micro(items, cfg.engine.grad_accum_steps)]
+    def rows_at(step: int) -> list[tuple[int, int]]:  # (epoch, example index)
+        return stream.take(step * cfg.train.batch_size, cfg.train.batch_size)
+
+    def collate(part: list[tuple[int, int]]) -> dict:
+        return collate_reward_rows([reward_row(examples[i], shuffle_seed=(cfg.seed, e, i)) for e, i in part], pad_id)
 
     def loss_fn(model, batch):
         rewards, valid = model.score_rows(batch)
@@ -151,8 +152,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         result = pairwise_eval(module, eval_examples, seed=cfg.seed, batch_size=cfg.data.eval_batch_size, pad_id=pad_id)
         return {"eval_pairwise_accuracy": result["pairwise_accuracy"]}
 
-    outcome = train(cfg, run_dir, rm, total_steps=total_steps, batch_at=batch_at, loss_fn=loss_fn, evaluate=evaluate,
-                    metrics=metrics)
+    outcome = train(cfg, run_dir, rm, total_steps=total_steps, rows_at=rows_at, collate=collate, loss_fn=loss_fn,
+                    evaluate=evaluate, metrics=metrics)
     summary = {"steps": outcome.steps, "planned_steps": total_steps, "last_loss": outcome.last_loss,
                "data": report_dict(report), "train_examples": len(examples)}
     if outcome.stopped:

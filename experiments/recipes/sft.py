@@ -23,7 +23,7 @@ from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
 from .posttrain_common import (AverageSection, EpochStream, ModelSection, TokenizerSection, TrainSection,
                                finish_stage, load_lm, load_tokenizer_and_format, permutation, post_training_optim,
-                               save_lm, split_micro, steps_for, train)
+                               save_lm, steps_for, train)
 from .posttrain_eval import TaskEval, TaskEvalSection, report_dict
 
 
@@ -78,15 +78,16 @@ def run(cfg: Config, run_dir: Path) -> dict:
     stream = packed_stream(dialogs, cfg.data.seq_len, cfg.seed)
     total_steps = steps_for(cfg.train, stream.epoch_size(0))
 
-    def batch_at(step: int) -> list[dict]:
-        rows = stream.take(step * cfg.train.batch_size, cfg.train.batch_size)
-        micro = [pack_rows(dialogs, part, cfg.data.seq_len, pad_id=pad_id)
-                 for part in split_micro(rows, cfg.engine.grad_accum_steps)]
-        return [{"tokens": b.tokens, "labels": b.labels, "doc_ids": b.doc_ids, "positions": b.positions} for b in micro]
+    def rows_at(step: int) -> list:  # packed rows (lists of dialog indices)
+        return stream.take(step * cfg.train.batch_size, cfg.train.batch_size)
+
+    def collate(rows: list) -> dict:
+        b = pack_rows(dialogs, rows, cfg.data.seq_len, pad_id=pad_id)
+        return {"tokens": b.tokens, "labels": b.labels, "doc_ids": b.doc_ids, "positions": b.positions}
 
     initial = task_eval.initial(run_dir, model)
-    outcome = train(cfg, run_dir, model, total_steps=total_steps, batch_at=batch_at, loss_fn=sft_step_loss,
-                    evaluate=task_eval.metrics)
+    outcome = train(cfg, run_dir, model, total_steps=total_steps, rows_at=rows_at, collate=collate,
+                    loss_fn=sft_step_loss, evaluate=task_eval.metrics)
     summary = {"steps": outcome.steps, "planned_steps": total_steps, "last_loss": outcome.last_loss,
                "data": report_dict(report), "dialogs": len(dialogs), "rows_per_epoch": stream.epoch_size(0)}
     if outcome.stopped:

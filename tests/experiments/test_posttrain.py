@@ -235,3 +235,18 @@ def test_dpo_batch_masks_header_and_end_of_turn(assets):
         assert not mask[labels == IGNORE_INDEX].any()
         n = len(ex.prompt.ids)
         assert (labels[:n - 1] == IGNORE_INDEX).all()  # no loss on the prompt or the assistant header
+
+
+def test_two_ranks_train_on_halves_of_each_step(tmp_path, assets, herd_two_ranks):
+    """Post-training under 2 ranks (DeepSpeed, gloo): each rank trains on its half of a step's examples, so the
+    losses equal one process with 2 micro-batches of the same halves (rank r's rows = micro-batch r). Were both
+    ranks given the same rows, the step's loss would be the mean over one half only. fp32 sums in another order:
+    rounding ~1e-7 of losses ~1, so 1e-5 leaves a wide margin and still sees any half swapped."""
+    cfg = {**_common(tmp_path, "dpo", "dpo", assets), **_train_common(3),
+           "data": {"train": str(assets["preference_train"]), "max_len": 128}, "eval_every": 100}
+    path = _yaml(tmp_path / "dpo.yaml", cfg)
+    herd_two_ranks("run", str(path), "engine.backend=deepspeed", "engine.zero_stage=1", cwd=tmp_path)
+    assert main(["run", str(path), f"output_dir={tmp_path / 'one'}", "engine.grad_accum_steps=2"]) == 0
+    two, one = _metrics(_run_dir(tmp_path, "dpo")), _metrics(_run_dir(tmp_path, "dpo", "one"))
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)

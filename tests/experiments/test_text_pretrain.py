@@ -167,28 +167,10 @@ def test_eval_niah_writes_accuracy_grid_and_heatmap(experiment, capsys):
     assert 0.0 <= result["mean_accuracy"] <= 1.0 and (run / "niah_heatmap.png").is_file()
 
 
-def test_herd_run_under_the_deepspeed_launcher(experiment, tmp_path):
+def test_herd_run_under_the_deepspeed_launcher(experiment, tmp_path, herd_two_ranks):
     """2 CPU ranks, ZeRO-2: one shared run folder, the same losses as a 1-process torch run on the same data."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    pytest.importorskip("deepspeed")
-    from training.distributed import find_free_port
-    bin_dir = os.path.dirname(sys.executable)
-    launcher, herd = shutil.which("deepspeed", path=bin_dir), shutil.which("herd", path=bin_dir)
-    if not (launcher and herd):
-        pytest.skip("deepspeed launcher or herd script not installed next to python")
-    repo = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo),
-               TORCH_EXTENSIONS_DIR=str(repo / ".cache" / "torch_extensions"))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [launcher, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(find_free_port()),
-           herd, "run", str(experiment), "engine.backend=deepspeed", "engine.zero_stage=2", "anneal.tokens=0",
-           "stages=[{seq_len: 64, tokens: 2048}]"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    herd_two_ranks("run", str(experiment), "engine.backend=deepspeed", "engine.zero_stage=2", "anneal.tokens=0",
+                   "stages=[{seq_len: 64, tokens: 2048}]", cwd=tmp_path)
     (run,) = _runs(experiment)
     assert (run / "final" / "config.json").is_file() and (run / "summary.json").is_file()
     ds_losses = _losses(run)

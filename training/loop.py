@@ -1,0 +1,140 @@
+"""The one training loop: what every recipe's optimizer steps go through.
+
+A recipe hands ``fit`` a ``Task`` (its data, loss and evaluation) and an ``Engine``; the loop owns the rest:
+
+- the global batch of step s is ``task.rows(s)`` (a list of examples, the same on every rank and a pure
+  function of s, so a resumed run sees the data an uninterrupted one would);
+- data parallelism: rank r of R trains on ``rows[r::R]``, so ranks see disjoint rows whose union is the
+  global batch; each rank splits its share into ``engine.cfg.grad_accum_steps`` micro-batches
+  (``share[k::accum]``) and ``task.collate`` turns each into tensors (in ``workers`` DataLoader processes
+  when asked). One rank with accumulation a and a ranks without accumulation see the same micro-batches;
+- ``Engine.train_step`` turns the micro-batches' loss sums into the exact token-weighted mean over all
+  micro-batches and ranks, clips, steps, and drops non-finite steps;
+- ``metrics.jsonl`` (loss, lr, grad_norm, tokens, skipped, the task's ``step_metrics``), progress output,
+  evaluation every ``eval_every`` steps (``task.evaluate``; the last step is left to the recipe's final
+  evaluation), checkpoints every ``checkpoint_every`` steps and at the end, and an early stop after
+  ``stop_after_steps`` steps with a checkpoint that ``resume=true`` continues.
+
+The step counter is ``state["step"]`` (optimizer steps done, data consumed); the recipe keeps whatever else it
+must resume (JSON-able) in the same ``state`` dict, which every checkpoint saves.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Optional, Protocol, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .engine import Engine, StepResult
+from .errors import TrainingError
+from .metrics import MetricsLogger
+from .progress import Progress
+
+
+class Task(Protocol):
+    """What a recipe supplies to ``fit``. Only ``rows``, ``collate`` and ``loss`` are required."""
+
+    def rows(self, step: int) -> Sequence[Any]:
+        """The examples of optimizer step ``step`` for all ranks together (any picklable items)."""
+
+    def collate(self, rows: Sequence[Any]) -> dict:
+        """One micro-batch of this rank: examples -> tensors (runs in a DataLoader worker when workers > 0)."""
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, Any]:
+        """(sum of the per-token losses of the micro-batch, number of tokens they cover)."""
+
+
+@dataclasses.dataclass
+class Cadence:
+    """When the loop evaluates, checkpoints and stops (from the recipe's YAML)."""
+
+    steps: int                               # optimizer steps of the whole run
+    checkpoint_every: int = 100
+    eval_every: Optional[int] = None         # None: no periodic evaluation
+    stop_after_steps: Optional[int] = None   # stop early (with a checkpoint) after this many steps
+    print_every: Optional[int] = None        # progress lines when not in a terminal; None: about 10 per run
+
+
+@dataclasses.dataclass
+class FitResult:
+    state: dict                              # the recipe's state; state["step"] = steps done
+    stopped: bool                            # stop_after_steps ended the run before its last step
+    last: Optional[StepResult]               # the last step's result (None when no step ran)
+    train_time_s: float                      # wall time spent in this session's steps (data included)
+
+    @property
+    def last_loss(self) -> float:
+        return self.last.loss if self.last is not None else float("nan")
+
+    def stopped_summary(self, cadence: Cadence) -> dict:
+        """What a run stopped by stop_after_steps reports (resume=true continues it)."""
+        return {"stopped_at_step": self.state["step"], "planned_steps": cadence.steps, "last_loss": self.last_loss}
+
+
+def shard(rows: Sequence[Any], rank: int, world_size: int, grad_accum_steps: int) -> list[list[Any]]:
+    """This rank's micro-batches of a global batch: rows[rank::world_size] split into grad_accum_steps parts."""
+    if len(rows) < world_size * grad_accum_steps:
+        raise TrainingError(f"a step of {len(rows)} examples cannot feed {world_size} ranks x "
+                            f"{grad_accum_steps} micro-batches (engine.grad_accum_steps): raise the batch size")
+    mine = list(rows)[rank::world_size]
+    return [mine[k::grad_accum_steps] for k in range(grad_accum_steps)]
+
+
+class _StepBatches(Dataset):
+    """Item s = this rank's collated micro-batches of step s (a DataLoader can prepare them ahead)."""
+
+    def __init__(self, task: Task, rank: int, world_size: int, grad_accum_steps: int):
+        self.task, self.rank, self.world_size, self.accum = task, rank, world_size, grad_accum_steps
+
+    def __len__(self) -> int:  # the sampler decides which steps are read
+        raise TypeError("_StepBatches is read through an explicit sampler")
+
+    def __getitem__(self, step: int) -> list[dict]:
+        parts = shard(self.task.rows(step), self.rank, self.world_size, self.accum)
+        return [self.task.collate(part) for part in parts]
+
+
+def fit(engine: Engine, task: Task, cadence: Cadence, state: dict, logger: MetricsLogger, *, desc: str = "train",
+        workers: int = 0, seed: int = 0) -> FitResult:
+    """Train from ``state["step"]`` to ``cadence.steps`` (or the early stop); see the module docstring.
+
+    Optional task methods: ``step_metrics() -> dict`` (extra fields of each step's record, e.g. means the loss
+    function collected), ``evaluate(step) -> dict`` (periodic evaluation; the task restores train mode),
+    ``after_step(step, result, state)`` (e.g. snapshots for averaging; before the checkpoint of that step)."""
+    state.setdefault("step", 0)
+    if state["step"]:
+        print(f"herd: resumed at step {state['step']} of {cadence.steps}", flush=True)
+    progress = Progress(cadence.steps, initial=state["step"],
+                        print_every=cadence.print_every or max(1, cadence.steps // 10), desc=desc)
+    batches = _StepBatches(task, engine.rank, engine.world_size, engine.cfg.grad_accum_steps)
+    loader = DataLoader(batches, batch_size=None, sampler=range(state["step"], cadence.steps), num_workers=workers,
+                        generator=torch.Generator().manual_seed(seed))
+    step_metrics = getattr(task, "step_metrics", None)
+    evaluate = getattr(task, "evaluate", None)
+    after_step = getattr(task, "after_step", None)
+    result, stopped, train_time = None, False, 0.0
+    t0 = time.perf_counter()
+    for micro in loader:
+        result = engine.train_step(micro, task.loss)
+        state["step"] += 1
+        step = state["step"]
+        train_time += time.perf_counter() - t0
+        progress.update(step, result.loss, result.tokens)
+        record = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "tokens": result.tokens,
+                  "skipped": result.skipped, **(step_metrics() if step_metrics else {})}
+        if evaluate is not None and cadence.eval_every and step % cadence.eval_every == 0 and step < cadence.steps:
+            record.update(evaluate(step))
+        logger.log(step, record)
+        if after_step is not None:
+            after_step(step, result, state)
+        finished = step == cadence.steps
+        stopped = cadence.stop_after_steps is not None and step >= cadence.stop_after_steps and not finished
+        if step % cadence.checkpoint_every == 0 or finished or stopped:
+            engine.save_checkpoint(state)
+        if stopped:
+            break
+        t0 = time.perf_counter()
+    progress.close()
+    return FitResult(state, stopped, result, round(train_time, 1))
