@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
 
 from adapters.speech_adapter import preset as adapter_preset
 from adapters.speech_inputs import audio_placeholder_count
@@ -41,10 +40,10 @@ from speech.speech_metrics import asr_scores, bleu, chrf, write_results
 from training.config import EngineConfig, OptimConfig, ScheduleConfig
 from training.distributed import is_rank0
 from training.engine import Engine
+from training.loop import Cadence, fit
 from training.metrics import MetricsLogger, plot_curves
-from training.progress import Progress
 
-from ..common import RunConfig, end_of_step
+from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
 from ..data_prep_speech import ESPEAK_SETS, prepare_speech
 from . import speech_eval
@@ -173,8 +172,9 @@ class Config(RunConfig):
 # Data
 
 
-class StepBatches(Dataset):
-    """Item s = the collated batch of step s (see the module docstring); DataLoader workers load whole steps."""
+class SpeechTask:
+    """The training loop's view of the run (training/loop.py): step s's utterances (seeded per-epoch
+    permutations; see the module docstring), their collation into a micro-batch, the loss, periodic evaluation."""
 
     def __init__(self, dataset: SpeechDataset, prompter: SpeechPrompter, cfg: Config, encoder: ConformerConfig,
                  adapter_kernel: int, adapter_stride: int):
@@ -182,11 +182,9 @@ class StepBatches(Dataset):
         self.feature_config = cfg.features
         self.counts = dict(stack=encoder.stack, adapter_kernel=adapter_kernel, adapter_stride=adapter_stride)
         self._orders: dict[int, list[int]] = {}
+        self.loss = self.evaluate = None  # set by run(): they need the engine's device and the eval sets
 
-    def __len__(self) -> int:
-        return self.cfg.steps
-
-    def indices(self, step: int) -> list[int]:
+    def rows(self, step: int) -> list[int]:
         n, size = len(self.dataset), self.cfg.batch_size
         out = []
         for position in range(step * size, (step + 1) * size):
@@ -197,8 +195,8 @@ class StepBatches(Dataset):
             out.append(self._orders[epoch][offset])
         return out
 
-    def __getitem__(self, step: int) -> dict:
-        items = [self.dataset[i] for i in self.indices(step)]  # on_bad="replace": never None
+    def collate(self, indices: list[int]) -> dict:
+        items = [self.dataset[i] for i in indices]  # on_bad="replace": never None
         batch = collate_speech(items)
         examples = []
         for item, n_samples in zip(items, batch["lengths"].tolist()):
@@ -316,8 +314,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             raise ConfigError(f"data.eval: manifest '{s.manifest}' does not exist")
         eval_sets[name] = (s, SpeechDataset(s.manifest, audio))
     copy_note = _copy_stage(cfg, model, tokenizer, prompter, train_set, run_dir)
-    steps = StepBatches(train_set, prompter, cfg, model.encoder.config, model.adapter.config.conv_kernel,
-                        model.adapter.config.conv_stride)
+    task = SpeechTask(train_set, prompter, cfg, model.encoder.config, model.adapter.config.conv_kernel,
+                      model.adapter.config.conv_stride)
     frontend = copy.deepcopy(model.frontend)  # float32 whatever the backend does to the model's buffers
     trainer = SpeechTrainer(model, tokenizer.vocab_size, cfg.ctc.weight)
     try:
@@ -326,11 +324,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
         raise ConfigError(str(e)) from None
     model.frontend = frontend = frontend.to(engine.device)  # (DeepSpeed bf16 casts every buffer of its module)
     state = engine.resume() or {"step": 0, "evals": {}}
-    if state["step"]:
-        print(f"herd: resumed at step {state['step']} of {cfg.steps}", flush=True)
-    loader = DataLoader(steps, batch_size=None, sampler=range(state["step"], cfg.steps), num_workers=cfg.data.workers,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    logger = MetricsLogger(run_dir)
     loaded = speech_eval.LoadedSpeechModel(model, tokenizer, prompter, meta)
 
     def loss_fn(m, batch):
@@ -353,29 +346,25 @@ def run(cfg: Config, run_dir: Path) -> dict:
         return out
 
     metric_names = ("wer", "cer") if cfg.task == "asr" else ("bleu", "chrf")
-    progress = Progress(cfg.steps, initial=state["step"], print_every=25, desc=cfg.experiment)
+
+    def periodic_eval(step: int) -> dict:
+        record = {}
+        periodic = [n for n, (s, _) in eval_sets.items() if s.periodic]
+        for name, (_, summary) in evaluate(periodic, cfg.eval_utterances).items():
+            for k in metric_names:
+                record[f"eval_{name}_{k}"] = summary[k]
+            state["evals"][name] = {k: summary[k] for k in metric_names}
+        trainer.train()
+        return record
+
+    task.loss, task.evaluate = loss_fn, periodic_eval
+    cadence = Cadence(cfg.steps, cfg.checkpoint_every, cfg.eval_every, cfg.stop_after_steps, print_every=25)
     trainer.train()
-    for batch in loader:
-        micro = [{k: v[i::cfg.engine.grad_accum_steps] for k, v in batch.items()}
-                 for i in range(cfg.engine.grad_accum_steps)]
-        result = engine.train_step(micro, loss_fn)
-        state["step"] += 1
-        step = state["step"]
-        progress.update(step, result.loss, result.tokens)
-        record = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "tokens": result.tokens,
-                  "skipped": result.skipped}
-        if step % cfg.eval_every == 0 and step < cfg.steps:
-            periodic = [n for n, (s, _) in eval_sets.items() if s.periodic]
-            for name, (_, summary) in evaluate(periodic, cfg.eval_utterances).items():
-                for k in metric_names:
-                    record[f"eval_{name}_{k}"] = summary[k]
-                state["evals"][name] = {k: summary[k] for k in metric_names}
-            trainer.train()
-        logger.log(step, record)
-        stopped = end_of_step(cfg, engine, progress, state, step, result.loss)
-        if stopped:
-            return stopped
-    progress.close()
+    fitted = fit(engine, task, cadence, state, MetricsLogger(run_dir), desc=cfg.experiment, workers=cfg.data.workers,
+                 seed=cfg.seed)
+    if fitted.stopped:
+        engine.close()
+        return fitted.stopped_summary(cadence)
     train_seconds = time.time() - t_start
     summary = _finish(cfg, engine, trainer, tokenizer, meta, evaluate, eval_sets, notes, train_set, run_dir, metric_names)
     if copy_note:

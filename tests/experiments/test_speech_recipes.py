@@ -117,6 +117,22 @@ def test_speech_adapter_stop_and_resume_equals_uninterrupted(data, tmp_path):
     assert heldout["n"] == 12 and {"ctc_wer", "ctc_cer"} <= set(heldout)
 
 
+def test_two_ranks_train_on_halves_of_each_step(data, tmp_path, herd_two_ranks):
+    """Under 2 ranks (DeepSpeed, gloo) each rank trains on its half of a step's utterances: the losses and token
+    counts equal one process with 2 micro-batches of the same halves (augmentation off: each rank draws its own
+    masks). fp32 sums in another order: rounding ~1e-7 of losses ~5, far inside 1e-5."""
+    over = dict(steps=3, eval_every=100, checkpoint_every=100, ctc={"weight": 0.3}, schedule={"warmup_steps": 1},
+                data={"eval": [{"manifest": str(data / "test.jsonl"), "name": "heldout"}]})
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(_adapter_cfg(data, tmp_path / "two", **over)))
+    herd_two_ranks("run", str(path), "engine.backend=deepspeed", "engine.zero_stage=1", cwd=tmp_path)
+    one = _run(tmp_path, {**_adapter_cfg(data, tmp_path / "one", **over), "engine": {"grad_accum_steps": 2}})
+    two = Path(tmp_path / "two" / "asr" / "latest")
+    records = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (two, one)]
+    assert [r["tokens"] for r in records[0]] == [r["tokens"] for r in records[1]]
+    assert [r["loss"] for r in records[0]] == pytest.approx([r["loss"] for r in records[1]], abs=1e-5)
+
+
 def test_ctc_transcribe_decodes_the_encoder_alone_in_data_set_order(data, tmp_path):
     from experiments.recipes.speech_eval import ctc_transcribe, load_speech_model, score
     from speech.speech_dataset import SpeechDataset
