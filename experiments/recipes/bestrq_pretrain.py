@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from speech.audio_io import AudioConfig
 from speech.bestrq import BestRQConfig, BestRQModel, RandomProjectionQuantizer
@@ -31,10 +30,10 @@ from speech.speech_dataset import SpeechDataset, collate_speech
 from training.config import EngineConfig, OptimConfig, ScheduleConfig
 from training.distributed import is_rank0
 from training.engine import Engine
+from training.loop import Cadence, fit
 from training.metrics import MetricsLogger, plot_curves
-from training.progress import Progress
 
-from ..common import RunConfig, end_of_step
+from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
 
 ENCODER_FILE, ENCODER_CONFIG, STATS_FILE, QUANTIZER_FILE = ("encoder.safetensors", "encoder_config.json",
@@ -120,26 +119,34 @@ class Config(RunConfig):
             raise ValueError("data.train: at least one manifest is needed")
 
 
-class _Steps(Dataset):
-    """Item s = the waveforms of step s (seeded per-epoch permutations over the concatenated manifests)."""
+class _BestRQTask:
+    """The training loop's view of the run (training/loop.py): step s's utterances (seeded per-epoch permutations
+    over the concatenated manifests, as (position, index) pairs), their waveforms as a micro-batch with the seed of
+    its masks (from its first position: the same rows get the same masks on any number of ranks), the loss."""
 
-    def __init__(self, dataset: SpeechDataset, batch_size: int, steps: int, seed: int):
-        self.dataset, self.batch_size, self.steps, self.seed = dataset, batch_size, steps, seed
+    def __init__(self, dataset: SpeechDataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self._order: tuple[int, list[int]] = (-1, [])
+        self.loss = self.evaluate = None  # set by run()
+        self.metrics: dict = {}
 
-    def __len__(self):
-        return self.steps
-
-    def __getitem__(self, step):
+    def rows(self, step: int) -> list[tuple[int, int]]:
         n, out = len(self.dataset), []
         for position in range(step * self.batch_size, (step + 1) * self.batch_size):
             epoch, offset = divmod(position, n)
             if self._order[0] != epoch:
                 self._order = (epoch, torch.randperm(n, generator=torch.Generator().manual_seed(
                     self.seed * 1_000_003 + epoch)).tolist())
-            out.append(self.dataset[self._order[1][offset]])
-        batch = collate_speech(out)
-        return {"waveforms": batch["waveforms"], "lengths": batch["lengths"]}
+            out.append((position, self._order[1][offset]))
+        return out
+
+    def collate(self, rows: list[tuple[int, int]]) -> dict:
+        batch = collate_speech([self.dataset[i] for _, i in rows])
+        mask_seed = torch.tensor(self.seed * 1_000_003 + min(position for position, _ in rows) + 1)
+        return {"waveforms": batch["waveforms"], "lengths": batch["lengths"], "mask_seed": mask_seed}
+
+    def step_metrics(self) -> dict:
+        return {k: v for k, v in self.metrics.items() if k != "loss"}
 
 
 def _dataset(paths, audio: AudioConfig, on_bad: str) -> SpeechDataset:
@@ -193,39 +200,36 @@ def run(cfg: Config, run_dir: Path) -> dict:
     # the front end stays outside the trained module: float32 buffers whatever the backend casts
     frontend = LogMelFrontend(cfg.features, stats).to(engine.device)
     weight_dtype = model.encoder.stacker.proj.weight.dtype
-    last_metrics: dict = {}
+    task = _BestRQTask(train_set, cfg.batch_size, cfg.seed)
 
     def loss_fn(m, batch):
         with torch.no_grad():
             features, lengths = frontend(batch["waveforms"], batch["lengths"])
-        out = m(features.to(weight_dtype), lengths)  # DeepSpeed bf16 holds bf16 weights
-        last_metrics.update(out.metrics)
+        masks = torch.Generator().manual_seed(int(batch["mask_seed"]))
+        out = m(features.to(weight_dtype), lengths, masks)  # DeepSpeed bf16 holds bf16 weights
+        task.metrics = out.metrics
         return out.loss_sum, out.n_masked
 
+    def periodic_eval(step: int) -> dict:
+        result = evaluate(model, frontend, valid_set, cfg, engine.device)
+        model.train()
+        return {f"eval_{k}": v for k, v in result.items()}
+
+    task.loss = loss_fn
+    if valid_set is not None:
+        task.evaluate = periodic_eval
     state = engine.resume() or {"step": 0}
-    loader = DataLoader(_Steps(train_set, cfg.batch_size, cfg.steps, cfg.seed), batch_size=None,
-                        sampler=range(state["step"], cfg.steps), num_workers=cfg.data.workers,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    logger = MetricsLogger(run_dir)
-    progress = Progress(cfg.steps, initial=state["step"], print_every=25, desc=cfg.experiment)
+    cadence = Cadence(cfg.steps, cfg.checkpoint_every, cfg.eval_every, cfg.stop_after_steps, print_every=25)
     model.train()
-    last_eval = {}
-    for batch in loader:
-        result = engine.train_step([batch], loss_fn)
-        state["step"] += 1
-        step = state["step"]
-        progress.update(step, result.loss, result.tokens)
-        record = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "masked_frames": result.tokens,
-                  **{k: v for k, v in last_metrics.items() if k != "loss"}}
-        if valid_set is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-            last_eval = evaluate(model, frontend, valid_set, cfg, engine.device)
-            record.update({f"eval_{k}": v for k, v in last_eval.items()})
-            model.train()
-        logger.log(step, record)
-        stopped = end_of_step(cfg, engine, progress, state, step, result.loss)
-        if stopped:
-            return stopped
-    progress.close()
+    fitted = fit(engine, task, cadence, state, MetricsLogger(run_dir), desc=cfg.experiment, workers=cfg.data.workers,
+                 seed=cfg.seed)
+    if fitted.stopped:
+        engine.close()
+        return fitted.stopped_summary(cadence)
+    last_eval = evaluate(model, frontend, valid_set, cfg, engine.device) if valid_set is not None else {}
+    if last_eval:
+        MetricsLogger(run_dir).log(cfg.steps, {f"eval_{k}": v for k, v in last_eval.items()})
+    last_metrics = task.metrics
     weights = engine.trainable_state_dict()
     summary = {"steps": cfg.steps, "encoder_parameters": model.encoder.num_parameters(),
                "final_train_accuracy": last_metrics.get("accuracy"),
