@@ -38,13 +38,13 @@ from language.tokenizer import load_tokenizer
 from training.config import EngineConfig, OptimConfig, ScheduleConfig, validate
 from training.distributed import is_rank0
 from training.engine import Engine
+from training.loop import Cadence, fit
 from training.metrics import MetricsLogger, plot_curves
-from training.progress import Progress
 from vision.config import VisionConfig
 from vision.encoder import VisionEncoder
 from vision.tiling import TilingConfig
 
-from ..common import RunConfig, end_of_step
+from ..common import RunConfig
 from ..config import ConfigError
 from .image_common import (ADAPTER_FILE, MODEL_FILE, ModelSection, _from_record, _portable, adapt_encoder_state,
                            build_encoder, build_language, composed_config, find_model_folder, non_language_state,
@@ -287,6 +287,32 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+class _ImageTask:
+    """The training loop's view of the run (training/loop.py): step s holds training samples s*B .. (s+1)*B-1
+    (each built from its index with its own seeded RNG), collated per micro-batch; the loss (with grounding: its
+    attention mass is logged per step); held-out VQA every eval.every steps."""
+
+    def __init__(self, cfg: Config, train, sample, collate, loss, grounding, evaluate, model):
+        self.cfg, self.train, self.sample, self._collate, self.loss = cfg, train, sample, collate, loss
+        self.grounding, self._evaluate, self.model = grounding, evaluate, model
+
+    def rows(self, step: int) -> list[int]:
+        return list(range(step * self.cfg.batch_size, (step + 1) * self.cfg.batch_size))
+
+    def collate(self, rows: list[int]) -> dict:
+        return self._collate([self.sample(self.train, i, "train") for i in rows])
+
+    def step_metrics(self) -> dict:
+        mass = self.grounding.take_mean_mass() if self.grounding is not None else None
+        # the loss includes the grounding term; this is what that term pushes up
+        return {"grounding_attention_mass": mass} if mass is not None else {}
+
+    def evaluate(self, step: int) -> dict:
+        record = self._evaluate(step, log=False)["record"]
+        self.model.train()
+        return record
+
+
 # ---------------------------------------------------------------------------------------------- the run
 
 def run(cfg: Config, run_dir: Path) -> dict:
@@ -315,28 +341,25 @@ def run(cfg: Config, run_dir: Path) -> dict:
     engine = Engine(model, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)
     if is_rank0():
         (run_dir / MODEL_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    state = engine.resume() or {"position": 0, "skipped": 0, "language_model": meta["language_model"]}
-    if state["position"]:
-        print(f"herd: resumed at step {state['position']} of {cfg.steps}", flush=True)
+    state = engine.resume() or {"step": 0, "language_model": meta["language_model"]}
     logger = MetricsLogger(run_dir)
-    accum = cfg.engine.grad_accum_steps
 
-    def batch_at(position: int, count: int, source, seed_tag: str) -> list[dict]:
-        first = position * count
-        rows = list(range(first, first + count))[engine.rank::engine.world_size]
-        return [fmt.training_sample(source[i], cfg.data.task, cfg.data.qa_per_sample,
-                                    random.Random(f"{cfg.seed}:{seed_tag}:{i}")) for i in rows]
+    def sample(source, index: int, seed_tag: str) -> dict:
+        return fmt.training_sample(source[index], cfg.data.task, cfg.data.qa_per_sample,
+                                   random.Random(f"{cfg.seed}:{seed_tag}:{index}"))
 
     def heldout_loss() -> float:
+        """Token-mean loss of the first eval.loss_batches batches of the eval split (this rank's share)."""
         total, tokens = 0.0, 0
         with torch.no_grad():
             for b in range(cfg.eval.loss_batches):
-                batch = engine.backend.prepare_batch(collate(batch_at(b, cfg.batch_size, loss_samples, "heldout")))
+                rows = range(b * cfg.batch_size, (b + 1) * cfg.batch_size)[engine.rank::engine.world_size]
+                batch = engine.backend.prepare_batch(collate([sample(loss_samples, i, "heldout") for i in rows]))
                 loss, n = loss_fn(engine.model, batch)
                 total, tokens = total + float(loss), tokens + int(n)
         return total / max(tokens, 1)
 
-    def evaluate(step: int, final: bool = False, split: str = splits[0]) -> dict:
+    def evaluate(step: int, final: bool = False, split: str = splits[0], log: bool = True) -> dict:
         limit = cfg.eval.final_questions if final else cfg.eval.questions
         subset = eval_sets[split][:limit] if limit else eval_sets[split]
         modes = ["image"] + (list(cfg.eval.controls) if final else [])
@@ -349,39 +372,21 @@ def run(cfg: Config, run_dir: Path) -> dict:
             record[f"{prefix}_{control}_accuracy"] = results[control]["accuracy"]
         if cfg.eval.loss_batches and split == splits[0]:
             record["eval_loss"] = heldout_loss()
-        logger.log(step, record)
-        return {"results": results, "items": subset}
+        if log:
+            logger.log(step, record)
+        return {"results": results, "items": subset, "record": record}
 
-    progress = Progress(cfg.steps, initial=state["position"], print_every=10, desc=cfg.experiment)
+    task = _ImageTask(cfg, train, sample, train_collate, train_loss, grounding, evaluate, model)
+    cadence = Cadence(cfg.steps, cfg.checkpoint_every, cfg.eval.every, cfg.stop_after_steps, print_every=10)
     model.train()
-    train_time = 0.0
-    while state["position"] < cfg.steps:
-        t0 = time.perf_counter()
-        samples = batch_at(state["position"], cfg.batch_size, train, "train")
-        micro = [train_collate(samples[k::accum]) for k in range(accum)]
-        result = engine.train_step(micro, train_loss)
-        train_time += time.perf_counter() - t0
-        state["position"] += 1
-        state["skipped"] += int(result.skipped)
-        position = state["position"]
-        progress.update(position, result.loss, result.tokens)
-        record = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "tokens": result.tokens,
-                  "skipped": result.skipped}
-        mass = grounding.take_mean_mass() if grounding is not None else None
-        if mass is not None:  # the loss includes the grounding term; this is what that term pushes up
-            record["grounding_attention_mass"] = mass
-        logger.log(position, record)
-        if position % cfg.eval.every == 0 and position < cfg.steps:
-            evaluate(position)
-            model.train()
-        stopped = end_of_step(cfg, engine, progress, state, position, result.loss)
-        if stopped:
-            return stopped
-    progress.close()
+    fitted = fit(engine, task, cadence, state, logger, desc=cfg.experiment, seed=cfg.seed)
+    if fitted.stopped:
+        engine.close()
+        return fitted.stopped_summary(cadence)
 
     finals = {split: evaluate(cfg.steps, final=True, split=split) for split in splits}
     final = finals[splits[0]]
-    summary = {"steps": cfg.steps, "samples_seen": cfg.steps * cfg.batch_size, "skipped_steps": state["skipped"],
+    summary = {"steps": cfg.steps, "samples_seen": cfg.steps * cfg.batch_size, "skipped_steps": engine.skipped_total,
                "trainable_parameters": sum(c["trainable"] for c in counts.values()),
                "frozen_lm_parameters": counts["language_model"]["total"], "language_model": meta["language_model"],
                "eval_split": splits[0], "eval_questions": len(final["items"])}
@@ -394,7 +399,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         summary["language_model_unchanged"] = weights_digest(engine.module.language_model) == lm_digest
         summary["language_model_sha256"] = lm_digest
     weights = engine.trainable_state_dict()  # a collective under ZeRO-3
-    summary["train_time_s"] = round(train_time, 1)
+    summary["train_time_s"] = fitted.train_time_s
     summary["wall_time_s"] = round(time.time() - t_start, 1)
     if is_rank0():
         export = {**non_language_state(engine.module), **{k: v for k, v in weights.items()
