@@ -30,14 +30,14 @@ from torch import nn
 from training.config import EngineConfig, OptimConfig, ScheduleConfig
 from training.distributed import is_rank0
 from training.engine import Engine
+from training.loop import Cadence, fit
 from training.metrics import MetricsLogger, plot_curves
-from training.progress import Progress
 from vision.config import preset as vision_preset
 from vision.encoder import VisionEncoder
 from vision.image_dataset import ImageManifestDataset
 from vision.tiling import TilingConfig
 
-from ..common import RunConfig, end_of_step
+from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
 from .image_common import ENCODER_CONFIG, ENCODER_FILE, VisionSection, build_encoder
 from .image_data import ManifestSamples, SceneSamples, ScenesSection
@@ -140,6 +140,31 @@ def retrieval_accuracy(model: ClipModel, pixels: torch.Tensor, tokens: torch.Ten
     return {"eval_i2t_accuracy": i2t, "eval_t2i_accuracy": t2i, "eval_chance": 1.0 / len(captions)}
 
 
+class _ClipTask:
+    """The training loop's view of the run (training/loop.py): step s holds image-caption pairs s*B .. (s+1)*B-1;
+    a micro-batch's contrastive loss uses its own pairs as negatives (the same on one rank with accumulation
+    or on several ranks), times its size, so the step's loss is the mean over micro-batches."""
+
+    def __init__(self, batch_size: int, train, tokenizer, clip_loss, evaluate):
+        self.batch_size, self.train, self.tokenizer, self.clip_loss = batch_size, train, tokenizer, clip_loss
+        self.evaluate = evaluate
+
+    def rows(self, step: int) -> list[int]:
+        return list(range(step * self.batch_size, (step + 1) * self.batch_size))
+
+    def collate(self, rows: list[int]) -> dict:
+        samples = [self.train[i] for i in rows]
+        missing = [s.source for s in samples if s.caption is None]
+        if missing:
+            raise ConfigError(f"data.train_manifest: {missing[0]} has no caption")
+        return {"pixel_values": torch.stack([s.images[0].tiles[0] for s in samples]),
+                "text": self.tokenizer([s.caption for s in samples])}
+
+    def loss(self, m, batch):
+        image, text, scale = m(batch["pixel_values"], batch["text"])
+        return self.clip_loss(image, text, scale) * image.shape[0], image.shape[0]
+
+
 def run(cfg: Config, run_dir: Path) -> dict:
     from open_clip.loss import ClipLoss
     from open_clip.tokenizer import SimpleTokenizer
@@ -163,47 +188,26 @@ def run(cfg: Config, run_dir: Path) -> dict:
     eval_tokens = tokenizer([s.caption for s in eval_samples])
     clip_loss = ClipLoss()
     engine = Engine(model, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)
-    state = engine.resume() or {"position": 0}
+    state = engine.resume() or {"step": 0}
     logger = MetricsLogger(run_dir)
-    accum = cfg.engine.grad_accum_steps
-
-    def loss_fn(m, batch):
-        image, text, scale = m(batch["pixel_values"], batch["text"])
-        return clip_loss(image, text, scale) * image.shape[0], image.shape[0]
 
     def evaluate(step):
         model.eval()
         batch = engine.backend.prepare_batch({"p": eval_pixels, "t": eval_tokens})
         record = retrieval_accuracy(engine.module, batch["p"], batch["t"], [s.caption for s in eval_samples])
         record["eval_temperature"] = 1.0 / float(model.logit_scale.detach().exp())
-        logger.log(step, record)
         model.train()
         return record
 
-    progress = Progress(cfg.steps, initial=state["position"], print_every=10, desc=cfg.experiment)
+    task = _ClipTask(cfg.batch_size, train, tokenizer, clip_loss, evaluate)
+    cadence = Cadence(cfg.steps, cfg.checkpoint_every, cfg.eval_every, cfg.stop_after_steps, print_every=10)
     model.train()
-    while state["position"] < cfg.steps:
-        first = state["position"] * cfg.batch_size
-        rows = list(range(first, first + cfg.batch_size))[engine.rank::engine.world_size]
-        samples = [train[i] for i in rows]
-        missing = [s.source for s in samples if s.caption is None]
-        if missing:
-            raise ConfigError(f"data.train_manifest: {missing[0]} has no caption")
-        pixels = torch.stack([s.images[0].tiles[0] for s in samples])
-        tokens = tokenizer([s.caption for s in samples])
-        micro = [{"pixel_values": pixels[k::accum], "text": tokens[k::accum]} for k in range(accum)]
-        result = engine.train_step(micro, loss_fn)
-        state["position"] += 1
-        position = state["position"]
-        progress.update(position, result.loss, result.tokens)
-        logger.log(position, {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm})
-        if position % cfg.eval_every == 0 and position < cfg.steps:
-            evaluate(position)
-        stopped = end_of_step(cfg, engine, progress, state, position, result.loss)
-        if stopped:
-            return stopped
-    progress.close()
+    fitted = fit(engine, task, cadence, state, logger, desc=cfg.experiment, seed=cfg.seed)
+    if fitted.stopped:
+        engine.close()
+        return fitted.stopped_summary(cadence)
     final = evaluate(cfg.steps)
+    logger.log(cfg.steps, final)
     weights = engine.trainable_state_dict()
     summary = {"steps": cfg.steps, "pairs_seen": cfg.steps * cfg.batch_size,
                "encoder_parameters": sum(p.numel() for p in model.visual.parameters()),
