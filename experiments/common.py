@@ -1,8 +1,8 @@
-"""Config fields every recipe shares (the top of each experiment YAML), and the end of a training step they share."""
+"""Config fields every recipe shares (the top of each experiment YAML)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Union
 
 
 @dataclass
@@ -14,16 +14,3 @@ class RunConfig:
     resume: Union[bool, str] = field(default=False, metadata={
         "help": "true: continue the newest run of this experiment from its latest checkpoint; or a run folder"})
 
-
-def end_of_step(cfg, engine, progress, state: dict, step: int, last_loss: float) -> Optional[dict]:
-    """After training step `step` of `cfg.steps`: checkpoint every `cfg.checkpoint_every` steps, at the last step and
-    where `cfg.stop_after_steps` stops the run early. Returns None to go on, or (progress and engine closed) the
-    summary of a stopped run, which `resume=true` continues."""
-    stop = cfg.stop_after_steps is not None and cfg.stop_after_steps <= step < cfg.steps
-    if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
-        engine.save_checkpoint(state)
-    if not stop:
-        return None
-    progress.close()
-    engine.close()
-    return {"stopped_at_step": step, "planned_steps": cfg.steps, "last_loss": last_loss}

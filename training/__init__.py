@@ -7,6 +7,9 @@
     engine.save_checkpoint({"data_position": ...})
     engine.close()
 
+A recipe's steps go through the one training loop, ``training.loop.fit(engine, task, cadence, state, logger)``:
+it shards each step's examples across ranks and micro-batches, logs, evaluates, checkpoints and stops.
+
 DeepSpeed is imported only when ``EngineConfig.backend == "deepspeed"``.
 """
 
