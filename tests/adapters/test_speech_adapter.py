@@ -46,7 +46,9 @@ def test_adapter_and_encoder_padded_batch_equals_each_utterance_alone():
     for i, n in enumerate(lengths.tolist()):
         alone, alone_lengths = adapter(*encoder(features[i:i + 1, :n], lengths[i:i + 1]))
         assert out_lengths[i] == alone_lengths[0] == audio_placeholder_count(n)
-        torch.testing.assert_close(out[i:i + 1, :alone_lengths[0]], alone, atol=1e-5, rtol=1e-5)
+        # other shapes, other summation orders: encoder + adapter matmuls sum K ~ 2.3e3 terms in a chain (see
+        # test_conformer): <= K*u = 1.4e-4 relative; padding (7.0) that leaked would be off by O(1)
+        torch.testing.assert_close(out[i:i + 1, :alone_lengths[0]], alone, atol=2e-4, rtol=2e-4)
 
 
 @pytest.mark.parametrize("n_frames", [1, 4, 5, 8, 9, 16, 17, 100, 301])

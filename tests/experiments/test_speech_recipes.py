@@ -120,7 +120,9 @@ def test_speech_adapter_stop_and_resume_equals_uninterrupted(data, tmp_path):
 def test_two_ranks_train_on_halves_of_each_step(data, tmp_path, herd_two_ranks):
     """Under 2 ranks (DeepSpeed, gloo) each rank trains on its half of a step's utterances: the losses and token
     counts equal one process with 2 micro-batches of the same halves (augmentation off: each rank draws its own
-    masks). fp32 sums in another order: rounding ~1e-7 of losses ~5, far inside 1e-5."""
+    masks). Step 1 is the same arithmetic; later ZeRO-1's updates round differently (flat partitions, its own grad
+    norm): a relative change d of a step moves the next loss by ~d * the step's drop (~1 here), d ~ log2(P) * u
+    ~ 1e-6 per step, so ~3e-6 on losses ~10 after 3 steps; 1e-4. A rank on the wrong half: >= 1e-2."""
     over = dict(steps=3, eval_every=100, checkpoint_every=100, ctc={"weight": 0.3}, schedule={"warmup_steps": 1},
                 data={"eval": [{"manifest": str(data / "test.jsonl"), "name": "heldout"}]})
     path = tmp_path / "two.yaml"
@@ -130,7 +132,7 @@ def test_two_ranks_train_on_halves_of_each_step(data, tmp_path, herd_two_ranks):
     two = Path(tmp_path / "two" / "asr" / "latest")
     records = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (two, one)]
     assert [r["tokens"] for r in records[0]] == [r["tokens"] for r in records[1]]
-    assert [r["loss"] for r in records[0]] == pytest.approx([r["loss"] for r in records[1]], abs=1e-5)
+    assert [r["loss"] for r in records[0]] == pytest.approx([r["loss"] for r in records[1]], abs=1e-4)
 
 
 def test_ctc_transcribe_decodes_the_encoder_alone_in_data_set_order(data, tmp_path):

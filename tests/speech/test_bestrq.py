@@ -28,7 +28,7 @@ def test_quantizer_is_deterministic_from_its_seed():
 
 def test_codes_are_the_cosine_nearest_neighbours():
     q = RandomProjectionQuantizer(input_dim=12, code_dim=4, codebook_size=50, n_codebooks=3, seed=1)
-    x = torch.randn(40, 12)
+    x = torch.randn(40, 12, generator=torch.Generator().manual_seed(0))  # argmax ties could flip across CPUs
     for i in range(3):
         projected = x @ q.projection[i]
         cosine = F.cosine_similarity(projected[:, None], q.codebooks[i][None], dim=-1)  # (40, 50)
@@ -100,7 +100,8 @@ def test_masking_replacements():
 def test_usage_perplexity():
     uniform = torch.arange(64).repeat(3)[:, None].expand(-1, 2)
     constant = torch.zeros(50, 2, dtype=torch.long)
-    torch.testing.assert_close(usage_perplexity(uniform, 64), torch.full((2,), 64.0))
+    # the entropy sums 64 terms p log p (|H| = log 64 = 4.2): rounding <= 64 * u * 4.2 = 1.6e-5, relative after exp
+    torch.testing.assert_close(usage_perplexity(uniform, 64), torch.full((2,), 64.0), rtol=1e-4, atol=0)
     torch.testing.assert_close(usage_perplexity(constant, 64), torch.ones(2))
 
 

@@ -100,7 +100,10 @@ def test_encoder_shapes_and_padding_never_reaches_valid_frames(conv_norm):
     out, _ = encoder(garbage, lengths)
     for i, n in enumerate(lengths.tolist()):
         alone, alone_len = encoder(features[i:i + 1, :n], lengths[i:i + 1])
-        torch.testing.assert_close(out[i:i + 1, :alone_len[0]], alone, atol=1e-5, rtol=1e-5)
+        # other shapes, other summation orders: the chain of matmuls sums K ~ 1.7e3 terms in all (stacker 320; per
+        # layer FFNs 2 x (64 + 128), attention 64 + 16 + T + 64, conv 64 + 7 + 64): <= K*u = 1e-4 relative; padding
+        # (1e3) that leaked would be off by O(1)
+        torch.testing.assert_close(out[i:i + 1, :alone_len[0]], alone, atol=2e-4, rtol=2e-4)
 
 
 def test_rotary_scores_depend_only_on_relative_position():

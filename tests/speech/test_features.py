@@ -72,6 +72,7 @@ def test_padded_batch_equals_each_utterance_alone(normalization):
 
 
 def test_per_utterance_normalisation_and_silence():
+    torch.manual_seed(0)
     frontend = LogMelFrontend(FeatureConfig(normalization="utterance"))
     features, lengths = frontend(torch.randn(2, 8000), torch.tensor([8000, 6000]))
     valid = features[1, :lengths[1]]
@@ -83,6 +84,7 @@ def test_per_utterance_normalisation_and_silence():
 
 
 def test_global_statistics_save_load_and_normalise(tmp_path):
+    torch.manual_seed(0)
     raw = LogMelFrontend(FeatureConfig(normalization="none"))
     batches = [raw(torch.randn(2, 6000) * s, torch.tensor([6000, 4000])) for s in (0.1, 0.5, 1.0)]
     stats = FeatureStats.from_batches(batches)
