@@ -295,11 +295,6 @@ class VisionLanguageModel(nn.Module):
                               self.config.image_token_id, self.config.max_images)
         return generate_text(_ImagePrompts(self, images), prompts, max_new_tokens=max_new_tokens, **kwargs)
 
-    @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "VisionLanguageModel":
-        """Load a Hugging Face Mllama folder (config.json + safetensors); see `adapters.mllama_checkpoint`."""
-        from .mllama_checkpoint import load_mllama
-        return load_mllama(path, **kwargs)
 
 
 class _ImagePrompts(nn.Module):

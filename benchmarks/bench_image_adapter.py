@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters.image_tokens import ImageTextCollator  # noqa: E402
-from adapters.vision_language import VisionLanguageModel  # noqa: E402
+from adapters.mllama_checkpoint import load_mllama  # noqa: E402
 from vision.tiling import TiledImage, TilingConfig, aspect_ratio_id  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -75,7 +75,7 @@ def build_models(size: str, device, dtype, folder: Path):
             if "gate" in name.rsplit(".", 1)[-1]:
                 p.uniform_(-1.0, 1.0)
     hf.save_pretrained(folder)
-    ours = VisionLanguageModel.from_pretrained(folder)
+    ours = load_mllama(folder)
     cross = set(hf.config.text_config.cross_attention_layers)
     for name, p in hf.named_parameters():  # LM frozen; encoder, projector and cross-attention layers train
         layer = name.split("language_model.layers.")[1].split(".")[0] if "language_model.layers." in name else None

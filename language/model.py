@@ -5,6 +5,7 @@ an HF checkpoint loads as is and the composed multimodal model can wrap this one
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Callable, Optional
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, AttentionMask
+from .checkpoints import CheckpointError, check_entries, read_checkpoint, read_entry
 from .config import LlamaConfig
 from .kv_cache import KVCache
 from .rope import rope_cos_sin, rope_inv_freq
@@ -183,8 +185,27 @@ class Llama(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "Llama":
+    def from_pretrained(cls, path, *, dtype: torch.dtype = torch.float32, device="cpu") -> "Llama":
         """Load an HF folder (config.json + safetensors), a GGUF file or a Meta folder
-        (params.json + consolidated.*.pth); the format is picked from what `path` holds."""
-        from .checkpoints import load_pretrained
-        return load_pretrained(path, **kwargs)
+        (params.json + consolidated.*.pth); the format is picked from what `path` holds. The model is built on
+        the meta device and each tensor assigned once it is read (names and shapes checked first)."""
+        with ExitStack() as files:
+            contents = read_checkpoint(path, files)
+            with torch.device("meta"):
+                model = cls(contents.config)
+            expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+            entries = check_entries(contents, expected)
+            state = {name: read_entry(name, entry, expected[name]).to(device=device, dtype=dtype)
+                     for name, entry in entries.items()}
+        tied = contents.config.tie_embeddings
+        if tied:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if tied:  # assign=True gave lm_head its own Parameter: share the embedding again
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.model.inv_freq = model.model.fresh_inv_freq(device)  # non-persistent: built on meta, recomputed here
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise CheckpointError(f"{contents.source}: tensors the loader does not fill are still on the meta "
+                                  f"device: {left[:5]}")
+        return model.eval()

@@ -11,7 +11,7 @@ itself only (`chat_data.reward_attention_mask`), so its reward equals that of pr
 alone (`score_sequences`), while the prompt is encoded once.
 
 On disk a reward model is an HF language-model folder (config.json + model.safetensors with the LM's
-unchanged names, loadable by `load_pretrained` as a plain `Llama`) plus `reward_head.safetensors`
+unchanged names, loadable by `Llama.from_pretrained` as a plain `Llama`) plus `reward_head.safetensors`
 holding the head as `score.weight` (1, dim), the name Hugging Face's LlamaForSequenceClassification uses.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionMask
 from .chat_data import reward_attention_mask
+from .checkpoints import save_hf
 from .model import Llama
 from .rope import rope_cos_sin
 
@@ -113,8 +114,6 @@ class RewardModel(nn.Module):
 
     def save_pretrained(self, folder) -> Path:
         """Write the LM as an HF folder (unchanged names) and the head as `reward_head.safetensors`."""
-        from .checkpoints import save_hf
-
         folder = Path(folder)
         save_hf(self.lm, folder)
         save_file({HEAD_NAME: self.score.weight.detach().to("cpu").contiguous()}, str(folder / HEAD_FILE),
@@ -140,11 +139,9 @@ class RewardModel(nn.Module):
     def from_pretrained(cls, path, *, new_head: bool = False, dtype: torch.dtype = torch.float32,
                         device="cpu") -> "RewardModel":
         """Load a reward-model folder; `new_head=True` also accepts a plain LM checkpoint (any format
-        `load_pretrained` reads) and gives it a freshly initialised head."""
-        from .checkpoints import load_pretrained
-
+        `Llama.from_pretrained` reads) and gives it a freshly initialised head."""
         path = Path(path)
-        model = cls(load_pretrained(path, dtype=dtype, device=device))
+        model = cls(Llama.from_pretrained(path, dtype=dtype, device=device))
         head = path / HEAD_FILE if path.is_dir() else None
         if head is not None and head.is_file():
             model.load_head(head)

@@ -33,7 +33,8 @@ from safetensors.torch import load_file
 from adapters.freezing import parameter_counts
 from adapters.image_tokens import IGNORE_INDEX, ImageTextCollator
 from adapters.vision_language import BATCH_INPUTS, VisionLanguageModel
-from language.checkpoints import load_pretrained, save_hf
+from language.checkpoints import save_hf
+from language.model import Llama
 from language.tokenizer import load_tokenizer
 from training.config import EngineConfig, OptimConfig, ScheduleConfig, validate
 from training.distributed import is_rank0
@@ -145,12 +146,12 @@ def build_model(cfg: Config, run_dir: Path):
         lm, tokenizer, record = build_language(m.language, run_dir, lambda: training_texts(cfg), cfg.seed)
     else:  # the earlier stage's frozen LM and tokenizer
         paths = {k: _from_record(earlier[k], earlier_dir.parent) for k in ("language_model", "tokenizer")}
-        lm, tokenizer = load_pretrained(paths["language_model"]), load_tokenizer(paths["tokenizer"])
+        lm, tokenizer = Llama.from_pretrained(paths["language_model"]), load_tokenizer(paths["tokenizer"])
         record = {k: _portable(str(p), run_dir) for k, p in paths.items()}
     if m.language.swap_to:  # paper Sec 7.4: the instruct LM replaces the base LM, adapters unchanged
         record["base_language_model"] = record["language_model"]
         record["language_model"] = _portable(m.language.swap_to, run_dir)
-        swapped = load_pretrained(resolve_path(m.language.swap_to, "model.language.swap_to"))
+        swapped = Llama.from_pretrained(resolve_path(m.language.swap_to, "model.language.swap_to"))
         if not m.language.tokenizer:
             tokenizer = load_tokenizer(resolve_path(m.language.swap_to))
             record["tokenizer"] = record["language_model"]

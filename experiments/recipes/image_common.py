@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from adapters.freezing import STAGES, stage_policy
 from adapters.vision_language import VisionLanguageConfig, VisionLanguageModel
 from language import Llama, preset as language_preset
-from language.checkpoints import load_pretrained, save_hf
+from language.checkpoints import save_hf
 from language.tokenizer import load_tokenizer, train_bpe
+from training.distributed import barrier, is_rank0
 from vision.config import VisionConfig, preset as vision_preset
 from vision.encoder import VisionEncoder
 from vision.open_clip_convert import config_from_open_clip, load_open_clip_visual, resize_position_embedding
@@ -182,19 +183,20 @@ def build_language(section: LanguageSection, run_dir: Path, texts, seed: int):
     elif section.path:
         tok_path = section.path
     else:
-        if not (tok_dir / "tokenizer.json").is_file():
+        if is_rank0() and not (tok_dir / "tokenizer.json").is_file():  # under several ranks: rank 0 trains it
             tok_dir.mkdir(parents=True, exist_ok=True)
             corpus = tok_dir / "train_texts.txt"
             corpus.write_text("\n".join(texts()))
             train_bpe([corpus], section.tokenizer_vocab_size, tok_dir)
             corpus.unlink()
+        barrier()
         tok_path = str(tok_dir)
     tokenizer = load_tokenizer(resolve_path(tok_path, "model.language.tokenizer"))
     if section.path:
         lm_path = section.path
-        lm = load_pretrained(resolve_path(lm_path, "model.language.path"))
+        lm = Llama.from_pretrained(resolve_path(lm_path, "model.language.path"))
     elif (lm_dir / "config.json").is_file():
-        lm_path, lm = str(lm_dir), load_pretrained(lm_dir)
+        lm_path, lm = str(lm_dir), Llama.from_pretrained(lm_dir)
     else:
         overrides = {k: getattr(section, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
                                                       "rope_theta") if getattr(section, k) is not None}
@@ -207,8 +209,10 @@ def build_language(section: LanguageSection, run_dir: Path, texts, seed: int):
             lm = Llama(config)
             if section.init_std is not None:
                 lm.apply(lambda module: Llama._init_weights(module, section.init_std))
-        save_hf(lm, lm_dir)
-        tokenizer.save(lm_dir)  # a self-contained LM folder: a later stage can load (or hot-swap to) it alone
+        if is_rank0():  # every rank built the same weights from the seed
+            save_hf(lm, lm_dir)
+            tokenizer.save(lm_dir)  # a self-contained LM folder: a later stage can load (or hot-swap to) it alone
+        barrier()
         lm_path = str(lm_dir)
     if tokenizer.vocab_size > lm.config.vocab_size:
         raise ConfigError(f"model.language: the tokenizer has {tokenizer.vocab_size} ids, the LM's vocabulary "
@@ -372,7 +376,7 @@ def load_image_model(path, *, language_path: Optional[str] = None, device="cpu")
     folder = find_model_folder(Path(path))
     meta = json.loads((folder / MODEL_FILE).read_text())
     run_dir = folder.parent
-    lm = load_pretrained(resolve_path(language_path) if language_path else _from_record(meta["language_model"], run_dir))
+    lm = Llama.from_pretrained(resolve_path(language_path) if language_path else _from_record(meta["language_model"], run_dir))
     tokenizer = load_tokenizer(_from_record(meta["tokenizer"], run_dir))
     config = VisionLanguageConfig.from_dict(meta["vision_language"])
     with torch.device("meta"):

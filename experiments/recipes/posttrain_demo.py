@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from language.chat_format import chat_format_for
-from language.checkpoints import load_pretrained
+from language.model import Llama
+
 from language.sampling import sample_k
 from language.synthetic_tasks import TaskConfig, is_correct, write_task_files
 from language.tokenizer import load_tokenizer, train_bpe
@@ -214,7 +215,7 @@ def _annotate(cfg: Config, folder: Path, policy_path: Path, files: dict) -> Path
     a = cfg.annotate
     tokenizer = load_tokenizer(policy_path)
     fmt = chat_format_for(tokenizer)
-    policy = load_pretrained(policy_path).to(resolve_device(cfg.rejection_sampling.device)).eval()
+    policy = Llama.from_pretrained(policy_path).to(resolve_device(cfg.rejection_sampling.device)).eval()
     prompts, _ = load_prompts(files["prompts_annotate"], fmt, max_prompt_len=policy.config.max_seq_len - a.max_new_tokens)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     rows, n_samples, n_correct = [], 0, 0

@@ -27,7 +27,7 @@ from adapters.speech_language import SpeechLanguageModel, SpeechPrompter, langua
 from language import Llama
 from language import preset as llama_preset
 from language.chat_format import chat_format_for
-from language.checkpoints import load_pretrained, save_hf
+from language.checkpoints import save_hf
 from language.tokenizer import load_tokenizer
 from speech.audio_io import AudioConfig
 from speech.conformer import ConformerConfig, ConformerEncoder
@@ -53,9 +53,9 @@ def load_language_model(lm: dict, base: Optional[Path] = None, device="cpu"):
     `base/language_model` holding saved weights wins over the preset)."""
     saved = base / LM_FOLDER if base is not None else None
     if saved is not None and (saved / "config.json").is_file():
-        model = load_pretrained(saved, device=device)
+        model = Llama.from_pretrained(saved, device=device)
     elif lm.get("path"):
-        model = load_pretrained(lm["path"], device=device)
+        model = Llama.from_pretrained(lm["path"], device=device)
     else:
         model = random_language_model(lm["preset"], load_tokenizer(lm["tokenizer"]).vocab_size, int(lm.get("seed", 0)),
                                       lm.get("init_std"), lm.get("overrides") or {}).to(device)

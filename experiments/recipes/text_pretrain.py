@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from language import Llama, preset
-from language.checkpoints import load_pretrained, save_hf
+from language.checkpoints import save_hf
 from language.corpus import ensure_corpus, find_archive, load_documents
 from language.niah import evaluate_niah, make_niah_examples, make_niah_training_docs, plot_niah_heatmap
 from language.packing import IGNORE_INDEX, PackedDataset, encode_documents, eval_batches
@@ -174,7 +174,7 @@ def lm_loss(model, batch: dict):
 
 def build_model(cfg: ModelSection, vocab_size: int) -> Llama:
     if cfg.init_from:
-        return load_pretrained(cfg.init_from)
+        return Llama.from_pretrained(cfg.init_from)
     overrides = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta",
                                              "max_seq_len", "tie_embeddings") if getattr(cfg, k) is not None}
     try:
@@ -403,7 +403,7 @@ def eval_niah_cli(args) -> int:
     """`herd eval niah --model RUN_OR_CHECKPOINT`: accuracy over lengths x depths and a heatmap."""
     path = Path(args.model)
     model_path = path / "final" if (path / "final").is_dir() else path
-    model = load_pretrained(model_path)
+    model = Llama.from_pretrained(model_path)
     tokenizer = load_tokenizer(model_path)
     cfg_file = path / "config.yaml"
     corpus_dir = Path("data/text")

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from ..config import LlamaConfig, RopeScaling
-from ..model import Llama
 from ..rope import rope_inv_freq
-from . import CheckpointError
-from .hf import Entry, NameMap, assemble
+from .errors import CheckpointError
+from .hf import Contents, Entry, NameMap
 from .meta import interleaved_to_half_split
 
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -32,8 +31,8 @@ _ROPE_FREQS = "rope_freqs.weight"
 _MISSING = object()
 
 
-def load_gguf(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
-    """Load a llama-architecture GGUF file as a `Llama` (weights dequantized, then cast to `dtype`)."""
+def read_gguf(path) -> Contents:
+    """A llama-architecture GGUF file: config and tensor list (each dequantized to float32 when read)."""
     path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
@@ -48,7 +47,7 @@ def load_gguf(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Llam
         target, heads = _NAMES.to_hf(name, config)
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest-varying dimension first
         entries[target] = Entry(shape, f"{path} [{name}, {t.tensor_type.name}]", partial(_read, path, t, heads))
-    return assemble(config, entries, dtype=dtype, device=device, source=str(path))
+    return Contents(config, entries, str(path))
 
 
 def config_from_gguf(reader: gguf.GGUFReader, tensors: dict, path: Path) -> LlamaConfig:

@@ -1,10 +1,10 @@
 """Hugging Face Llama checkpoints: `config.json` + `model.safetensors`, or shards listed in
 `model.safetensors.index.json`.
 
-`load_hf` builds the model on the meta device and assigns the tensors it reads, so an 8B model is held in
-memory once. `save_hf` writes a folder that `transformers.LlamaForCausalLM.from_pretrained` loads.
-`assemble` (also used by the GGUF and Meta loaders) turns Hugging Face-named tensors into a `Llama`,
-checking names and shapes against the config before any tensor data is read.
+`read_hf` reads the config and lists the tensors (Hugging Face names) without reading their data; `Llama.
+from_pretrained` checks names and shapes against the config (`check_entries`, also used for GGUF and Meta files)
+and then reads each tensor once into a model built on the meta device, so an 8B model is held in memory once.
+`save_hf` writes a folder that `transformers.LlamaForCausalLM.from_pretrained` loads.
 """
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import LlamaConfig, RopeScaling
-from ..model import Llama
-from . import CheckpointError
+from .errors import CheckpointError
 
 # Tensors some checkpoints carry that the model recomputes (old HF Llama files store RoPE frequencies).
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -40,38 +39,34 @@ class Entry(NamedTuple):
     load: Callable[[], torch.Tensor]
 
 
-# ---------------------------------------------------------------- HF-named tensors -> Llama
+class Contents(NamedTuple):
+    """What a checkpoint reader returns: the model config and its tensors (Hugging Face names), not yet read."""
+    config: LlamaConfig
+    entries: dict[str, Entry]
+    source: str  # the file or folder, for messages
 
-def assemble(config: LlamaConfig, entries: dict[str, Entry], *, dtype: torch.dtype, device,
-             source: str) -> Llama:
-    """Build a `Llama` for `config` from `entries` (Hugging Face names). Missing, unexpected and
-    wrongly shaped tensors are reported before any data is read; a tied model needs no `lm_head.weight`."""
-    with torch.device("meta"):
-        model = Llama(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
-        entries = {k: v for k, v in entries.items() if k != "lm_head.weight"}  # the embedding serves
-    _check_names(source, expected, [k for k in entries if not _IGNORED.fullmatch(k)])
+
+# ---------------------------------------------------------------- checks before any tensor is read
+
+def check_entries(contents: Contents, expected: dict[str, tuple]) -> dict[str, Entry]:
+    """The entries that fill `expected` (name -> shape of the model's state dict), after checking that names and
+    shapes match: missing, unexpected and wrongly shaped tensors are reported before any data is read. A tied
+    model needs no `lm_head.weight` (the embedding serves)."""
+    entries = contents.entries
+    if contents.config.tie_embeddings:
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+        entries = {k: v for k, v in entries.items() if k != "lm_head.weight"}
+    _check_names(contents.source, expected, [k for k in entries if not _IGNORED.fullmatch(k)])
     for name, shape in expected.items():
         _check_shape(name, entries[name].origin, tuple(entries[name].shape), shape)
+    return {name: entries[name] for name in expected}
 
-    state = {}
-    for name, shape in expected.items():
-        tensor = entries[name].load()
-        _check_shape(name, entries[name].origin, tuple(tensor.shape), shape)
-        state[name] = tensor.to(device=device, dtype=dtype)
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:  # assign=True gave lm_head its own Parameter: share the embedding again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    # non-persistent buffers are not in checkpoints: recompute them on the target device
-    model.model.inv_freq = model.model.fresh_inv_freq(device)  # non-persistent: built on meta, recomputed here
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"{source}: tensors the loader does not fill are still on the meta device: {left[:5]}")
-    return model.eval()
+
+def read_entry(name: str, entry: Entry, shape: tuple) -> torch.Tensor:
+    """Read one tensor and check its shape again (the data may disagree with the header)."""
+    tensor = entry.load()
+    _check_shape(name, entry.origin, tuple(tensor.shape), shape)
+    return tensor
 
 
 def _check_names(source: str, expected: dict, found: list[str]) -> None:
@@ -184,8 +179,9 @@ def config_to_hf(config: LlamaConfig, dtype: torch.dtype) -> dict:
 
 # ---------------------------------------------------------------- load / save
 
-def load_hf(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
-    """Load an HF Llama folder (config.json + model.safetensors or a sharded index) as a `Llama`."""
+def read_hf(path, files: ExitStack) -> Contents:
+    """An HF Llama folder (config.json + model.safetensors or a sharded index): config and tensor list; the
+    safetensors files stay open in `files` until the tensors are read."""
     folder = Path(path)
     config_path = folder / "config.json"
     try:
@@ -193,9 +189,7 @@ def load_hf(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_path}: cannot read the config ({e})") from e
     config = config_from_hf(raw, str(config_path))
-    with ExitStack() as files:
-        entries = safetensors_entries(folder, files)
-        return assemble(config, entries, dtype=dtype, device=device, source=str(folder))
+    return Contents(config, safetensors_entries(folder, files), str(folder))
 
 
 def safetensors_entries(folder: Path, files: ExitStack) -> dict[str, Entry]:
@@ -244,7 +238,7 @@ def _read_tensor(handle, file: Path, name: str) -> torch.Tensor:
         raise CheckpointError(f"{file}: cannot read tensor '{name}' ({e}); is the file truncated or corrupt?") from e
 
 
-def save_hf(model: Llama, path, *, max_shard_size: int | str = "5GB") -> None:
+def save_hf(model, path, *, max_shard_size: int | str = "5GB") -> None:
     """Write `model` as an HF folder: config.json and model.safetensors, or numbered shards of at most
     `max_shard_size` (bytes, or "500MB", "5GB", "2GiB") plus model.safetensors.index.json. Earlier
     model*.safetensors files and index in the folder are removed first."""

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from ..config import LlamaConfig, RopeScaling
-from ..model import Llama
-from . import CheckpointError
-from .hf import Entry, NameMap, assemble
+from .errors import CheckpointError
+from .hf import Contents, Entry, NameMap
 
 _GLOBAL_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
@@ -73,8 +72,9 @@ def config_from_params(params: dict, vocab_size: int, tied: bool, origin: str) -
         raise CheckpointError(f"{origin}: {e}") from e
 
 
-def load_meta(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
-    """Load a Meta folder (params.json + consolidated.*.pth, several model-parallel ranks allowed)."""
+def read_meta(path) -> Contents:
+    """A Meta folder (params.json + consolidated.*.pth, several model-parallel ranks allowed): config and
+    tensor list (Hugging Face names; ranks merged and Q/K rows permuted when read)."""
     folder = Path(path)
     params_path = folder / "params.json"
     try:
@@ -106,7 +106,7 @@ def load_meta(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> Llam
         if heads:
             entry = entry._replace(load=partial(_permuted, entry.load, heads))
         entries[target] = entry
-    return assemble(config, entries, dtype=dtype, device=device, source=str(folder))
+    return Contents(config, entries, str(folder))
 
 
 def _load_rank(file: Path) -> dict:
@@ -120,7 +120,7 @@ def _merged_entry(name: str, pieces: list[torch.Tensor], dim: int, origin: str) 
     m = _LAYER.fullmatch(name)
     kind = m.group(2) if m else name
     if len(pieces) == 1 or (kind not in _SPLIT_DIM and kind != "tok_embeddings.weight"):
-        split = None  # one rank, or a tensor assemble will report as unexpected
+        split = None  # one rank, or a tensor check_entries will report as unexpected
     elif kind == "tok_embeddings.weight":
         split = 0 if pieces[0].shape[1] == dim else 1
     else:

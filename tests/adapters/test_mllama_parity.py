@@ -1,5 +1,5 @@
 """Numerical parity with transformers' MllamaForConditionalGeneration (fp32, tiny random config), loaded
-through `VisionLanguageModel.from_pretrained` from a folder written by `save_pretrained`.
+through `adapters.load_mllama` from a folder written by `save_pretrained`.
 
 The batch: a sample with text before its first image and 2 images, a text-only sample and a sample whose
 image comes first. transformers lets rows that see no image attend to all image tokens (see
@@ -19,7 +19,7 @@ from transformers.models.mllama import modeling_mllama
 from adapters.cross_attention import default_positions
 from adapters.freezing import parameter_counts
 from adapters.image_tokens import ImageTextCollator
-from adapters.mllama_checkpoint import config_from_mllama
+from adapters.mllama_checkpoint import config_from_mllama, load_mllama
 from adapters.vision_language import VisionLanguageModel
 from language.checkpoints import CheckpointError
 from language.config import preset as llama_preset
@@ -102,9 +102,9 @@ def test_logits_match_transformers(tmp_path, monkeypatch, cross_attention_layers
     hf = saved_hf(tmp_path, cross_attention_layers)
     b = batch(policy)
     valid = b["attention_mask"]
-    ours = VisionLanguageModel.from_pretrained(tmp_path)
+    ours = load_mllama(tmp_path)
     assert ours.config.cross_attention_layers == [c - j for j, c in enumerate(cross_attention_layers)]
-    compat = VisionLanguageModel.from_pretrained(tmp_path, transformers_empty_rows=True)
+    compat = load_mllama(tmp_path, transformers_empty_rows=True)
     stock = hf_logits(hf, b)
     assert max(diff_per_sample(our_logits(compat, b), stock, valid)) <= 1e-4
 
@@ -118,7 +118,7 @@ def test_logits_match_transformers(tmp_path, monkeypatch, cross_attention_layers
 
 def test_generation_matches_transformers(tmp_path):
     hf = saved_hf(tmp_path)
-    ours = VisionLanguageModel.from_pretrained(tmp_path)
+    ours = load_mllama(tmp_path)
     b = batch()
     prompt = b["tokens"][2:3]
     keep = {k: b[k][2:3] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")}
@@ -146,9 +146,9 @@ def test_sharded_checkpoints_and_both_name_spellings_load_the_same(tmp_path):
     assert "model.language_model.embed_tokens.weight" in tensors and "lm_head.weight" in tensors
     save_file(tensors, renamed / "model.safetensors")
     b = batch()
-    reference = our_logits(VisionLanguageModel.from_pretrained(single), b)
+    reference = our_logits(load_mllama(single), b)
     for folder in (sharded, renamed):
-        assert torch.equal(our_logits(VisionLanguageModel.from_pretrained(folder), b), reference)
+        assert torch.equal(our_logits(load_mllama(folder), b), reference)
 
 
 def test_checkpoint_errors_name_what_is_wrong(tmp_path):
@@ -163,19 +163,19 @@ def test_checkpoint_errors_name_what_is_wrong(tmp_path):
     with pytest.raises(CheckpointError, match=r"1 missing tensor\(s\): language_model\.model\.layers\.1\.cross_attn"
                                               r"\.k_norm\.weight; 1 unexpected tensor\(s\): "
                                               r"language_model\.model\.layers\.9"):
-        VisionLanguageModel.from_pretrained(tmp_path)
+        load_mllama(tmp_path)
 
     save_file(tensors, tmp_path / "model.safetensors")
     config["text_config"]["intermediate_size"] = 96
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"'language_model\.model\.layers\.0\.mlp\.gate_proj\.weight' .* has "
                                               r"shape \[128, 64\], but the config expects \[96, 64\]"):
-        VisionLanguageModel.from_pretrained(tmp_path)
+        load_mllama(tmp_path)
 
     config["model_type"] = "llama"
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="model_type 'llama' is not 'mllama'"):
-        VisionLanguageModel.from_pretrained(tmp_path)
+        load_mllama(tmp_path)
 
 
 def test_llama32_11b_vision_config_maps_onto_the_paper_layout():

@@ -3,7 +3,7 @@ import torch
 
 from experiments.cli import main
 from language import Llama, preset
-from language.checkpoints import load_pretrained, save_hf
+from language.checkpoints import save_hf
 
 
 def _saved(tmp_path, name, seed):
@@ -17,7 +17,7 @@ def test_weighted_average_of_hf_folders_loads(tmp_path, capsys):
     a, b = _saved(tmp_path, "a", 0), _saved(tmp_path, "b", 1)
     assert main(["average", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "3", "1",
                  "--out", str(tmp_path / "avg")]) == 0
-    merged = load_pretrained(tmp_path / "avg")
+    merged = Llama.from_pretrained(tmp_path / "avg")
     expected = 0.75 * a.model.norm.weight.detach() + 0.25 * b.model.norm.weight.detach()
     torch.testing.assert_close(merged.model.norm.weight, expected)
     w = merged.model.layers[0].mlp.up_proj.weight

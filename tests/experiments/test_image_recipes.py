@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from experiments.cli import main
+from language import Llama
 
 TINY_LM = {"preset": "tiny", "dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64,
            "tokenizer_vocab_size": 300}
@@ -94,8 +95,8 @@ def test_image_adapter_writes_everything_and_keeps_the_lm_frozen(chain):
     assert summary["language_model_unchanged"] is True
     # the frozen LM saved at the start (random preset weights) is bit-identical to the one trained around
     from experiments.recipes.image_adapter import weights_digest
-    from language.checkpoints import load_pretrained
-    assert weights_digest(load_pretrained(run / "language_model")) == summary["language_model_sha256"]
+
+    assert weights_digest(Llama.from_pretrained(run / "language_model")) == summary["language_model_sha256"]
     weights = load_file(run / "final" / "adapter.safetensors")
     assert weights and not any(k.startswith("language_model.") for k in weights)
     assert any(k.startswith("cross_attention_layers.") for k in weights)
@@ -147,9 +148,9 @@ def test_next_stage_more_tiles_chat_format_and_hot_swapped_lm(chain, tmp_path):
     (first,) = runs_of(chain, "img")
     # an "instruct" LM of the same shape: the first stage's frozen LM with other weights, in its own folder
     from experiments.recipes.image_adapter import weights_digest
-    from language.checkpoints import load_pretrained, save_hf
+    from language.checkpoints import save_hf
     from language.tokenizer import load_tokenizer
-    instruct = load_pretrained(first / "language_model")
+    instruct = Llama.from_pretrained(first / "language_model")
     with torch.no_grad():
         for p in instruct.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -201,7 +202,7 @@ def test_vqa_eval_on_scenes_and_a_vqav2_file(chain, tmp_path):
 
 def test_lm_prior_stage_trains_the_random_lm_on_text_then_freezes_it_and_a_resume_reuses_it(chain, tmp_path, capsys):
     from experiments.recipes.image_adapter import weights_digest
-    from language.checkpoints import load_pretrained
+
     cfg = adapter_cfg(tmp_path, "prior", **{"model.language.prior_pretrain": {"steps": 30, "batch_size": 4,
                                                                               "warmup_steps": 1, "lr": 1e-2}})
     path = write(tmp_path / "prior.yaml", cfg)
@@ -211,9 +212,9 @@ def test_lm_prior_stage_trains_the_random_lm_on_text_then_freezes_it_and_a_resum
     note = summary["prior_pretrain"]
     assert note["prior_loss_last"] < note["prior_loss_first"]
     # the recorded LM is the prior-trained one (not the seed's random LM of the plain run), unchanged since
-    lm = load_pretrained(full / "language_model")
+    lm = Llama.from_pretrained(full / "language_model")
     (plain,) = runs_of(chain, "img")
-    assert weights_digest(lm) != weights_digest(load_pretrained(plain / "language_model"))
+    assert weights_digest(lm) != weights_digest(Llama.from_pretrained(plain / "language_model"))
     assert summary["language_model_unchanged"] and weights_digest(lm) == summary["language_model_sha256"]
     cfg["output_dir"] = str(tmp_path / "again")
     path = write(tmp_path / "again.yaml", cfg)
@@ -227,7 +228,7 @@ def test_lm_prior_stage_trains_the_random_lm_on_text_then_freezes_it_and_a_resum
     cfg["model"]["language"]["prior_pretrain"]["redraw_answers"] = 1.0
     assert main(["run", str(write(tmp_path / "redraw.yaml", cfg)), "stop_after_steps=1"]) == 0
     run = sorted(p for p in (tmp_path / "redraw" / "prior").glob("*") if not p.is_symlink())[0]
-    assert weights_digest(load_pretrained(run / "language_model")) != summary["language_model_sha256"]
+    assert weights_digest(Llama.from_pretrained(run / "language_model")) != summary["language_model_sha256"]
     # a checkpoint LM is never prior-trained here
     bad = write(tmp_path / "bad.yaml", {**cfg, "model": {**cfg["model"], "language": {
         "path": str(tmp_path), "prior_pretrain": {"steps": 2}}}})

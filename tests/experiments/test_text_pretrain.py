@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from experiments.cli import main
+from language import Llama
 
 WORDS = ("the king queen sword crown castle night day love war speak hear thou thee my lord lady "
          "sweet fair foul heaven earth sea fire come go stay rise fall").split()
@@ -65,8 +66,7 @@ def test_run_writes_everything_and_learns(experiment, capsys):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss_curve.png", "final/config.json"):
         assert (run / name).is_file(), name
     assert (run.parent / "latest").resolve() == run.resolve()  # later stages name runs/<exp>/latest/final
-    from language.checkpoints import load_pretrained
-    final = load_pretrained(run / "final")  # the saved final model (the Polyak average), tied weights included
+    final = Llama.from_pretrained(run / "final")  # the saved final model (the Polyak average), tied weights included
     assert final.lm_head.weight is final.model.embed_tokens.weight
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["averaged_snapshots"] == 2
@@ -177,4 +177,6 @@ def test_herd_run_under_the_deepspeed_launcher(experiment, tmp_path, herd_two_ra
     assert main(["run", str(experiment), "output_dir=" + str(tmp_path / "single"), "anneal.tokens=0",
                  "stages=[{seq_len: 64, tokens: 2048}]"]) == 0
     (single,) = _runs_under(tmp_path / "single")
-    assert ds_losses == pytest.approx(_losses(single), abs=1e-5)
+    # a step's loss is a float32 sum over 256 tokens of ~log(300) = 5.7 (2 ranks: 2 x 128, all-reduced): the order
+    # alone moves it by <= 256 * u * 5.7 = 9e-5, then 8 steps of drift; ranks that train on the wrong rows: >= 1e-2
+    assert ds_losses == pytest.approx(_losses(single), abs=2e-4)

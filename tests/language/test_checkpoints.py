@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
 from language import Llama, RopeScaling
-from language.checkpoints import CheckpointError, load_gguf, load_hf, load_meta, load_pretrained, save_hf
+from language.checkpoints import CheckpointError, save_hf
 from language.checkpoints.gguf import _scaling_from_rope_freqs
 from language.checkpoints.hf import config_from_hf
 from language.checkpoints.meta import meta_ffn_dim
@@ -70,7 +70,7 @@ def copy_dir(src, dst):
 def test_sharded_hf_checkpoint_loads(hf_dir):
     folder, ref = hf_dir
     assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*"))) > 2
-    ours = Llama.from_pretrained(folder)  # dispatches to load_hf
+    ours = Llama.from_pretrained(folder)  # an HF folder, picked from its contents
     assert_same_logits(ours, ref)
     assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad and p.device.type == "cpu"
                for p in ours.parameters())
@@ -78,17 +78,17 @@ def test_sharded_hf_checkpoint_loads(hf_dir):
 
 
 def test_save_hf_round_trip(hf_dir, tmp_path):
-    ours = load_hf(hf_dir[0])
+    ours = Llama.from_pretrained(hf_dir[0])
     save_hf(ours, tmp_path, max_shard_size="50KB")
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").is_file()
-    back = load_hf(tmp_path)
+    back = Llama.from_pretrained(tmp_path)
     assert back.config == ours.config
     for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), name
     save_hf(ours, tmp_path)  # one file now: the stale shards and index go
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
-    assert load_hf(tmp_path).config == ours.config
+    assert Llama.from_pretrained(tmp_path).config == ours.config
 
 
 def test_tied_checkpoint_without_lm_head(tmp_path):
@@ -96,7 +96,7 @@ def test_tied_checkpoint_without_lm_head(tmp_path):
     ref.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         assert "lm_head.weight" not in f.keys()
-    ours = load_hf(tmp_path, dtype=torch.float64)
+    ours = Llama.from_pretrained(tmp_path, dtype=torch.float64)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     assert ours.lm_head.weight.dtype == torch.float64 and ours.model.inv_freq.dtype == torch.float32
     assert ours.num_parameters() == sum(p.numel() for p in ref.parameters())
@@ -119,7 +119,7 @@ def test_shape_mismatch_names_tensor_file_and_shapes(hf_dir, tmp_path):
     folder = copy_dir(hf_dir[0], tmp_path / "ckpt")
     edit_config(folder, intermediate_size=200)
     with pytest.raises(CheckpointError) as err:
-        load_hf(folder)
+        Llama.from_pretrained(folder)
     msg = str(err.value)
     assert "model.layers.0.mlp.gate_proj.weight" in msg and ".safetensors" in msg
     assert "[192, 64]" in msg and "[200, 64]" in msg
@@ -133,7 +133,7 @@ def test_missing_and_unexpected_tensors(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"1 missing tensor\(s\): model\.layers\.1\.mlp\.up_proj\.weight; "
                                               r"1 unexpected tensor\(s\): model\.layers\.0\.self_attn\.q_proj\.bias"):
-        load_hf(tmp_path)
+        Llama.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.002])  # cut in the data, or in the header
@@ -143,7 +143,7 @@ def test_truncated_safetensors_names_the_file(hf_dir, tmp_path, keep):
     data = shard.read_bytes()
     shard.write_bytes(data[:max(int(len(data) * keep), 4)])
     with pytest.raises(CheckpointError, match=rf"{shard.name}.*truncated or corrupt"):
-        load_hf(folder)
+        Llama.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("change,words", [
@@ -156,21 +156,21 @@ def test_unsupported_hf_configs(hf_dir, tmp_path, change, words):
     folder = copy_dir(hf_dir[0], tmp_path / "ckpt")
     edit_config(folder, **change)
     with pytest.raises(CheckpointError, match=words):
-        load_hf(folder)
+        Llama.from_pretrained(folder)
 
 
 def test_unknown_format(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
-        load_pretrained(tmp_path / "absent")
+        Llama.from_pretrained(tmp_path / "absent")
     (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
     with pytest.raises(CheckpointError) as err:
-        load_pretrained(tmp_path)
+        Llama.from_pretrained(tmp_path)
     assert all(w in str(err.value) for w in ("config.json", "params.json", ".gguf", "weights.bin"))
     with pytest.raises(CheckpointError, match="not a checkpoint file"):
-        load_pretrained(tmp_path / "weights.bin")
+        Llama.from_pretrained(tmp_path / "weights.bin")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(CheckpointError, match="neither model.safetensors nor .*weights.bin"):
-        load_pretrained(tmp_path)
+        Llama.from_pretrained(tmp_path)
 
 
 # ------------------------------------------------------------------ GGUF (written here, llama.cpp style)
@@ -251,7 +251,7 @@ def write_gguf(path, ref: LlamaForCausalLM, *, qtype=None, raw: dict | None = No
 def test_gguf_matches_transformers_model(tmp_path, overrides):
     ref = random_hf_model(**overrides)
     write_gguf(tmp_path / "tiny.gguf", ref)
-    ours = Llama.from_pretrained(tmp_path / "tiny.gguf")  # dispatches to load_gguf
+    ours = Llama.from_pretrained(tmp_path / "tiny.gguf")  # a GGUF file
     assert ours.config.tie_embeddings == ref.config.tie_word_embeddings
     assert ours.config.n_kv_heads == ref.config.num_key_value_heads and ours.config.vocab_size == 128
     assert_same_logits(ours, ref)
@@ -263,7 +263,7 @@ def test_gguf_llama31_rope_freqs(tmp_path):
     ref = random_hf_model(num_attention_heads=2, num_key_value_heads=1, rope_parameters=rope)
     freqs = llama_cpp_rope_freqs(32, 10000.0, rope)
     write_gguf(tmp_path / "scaled.gguf", ref, raw={"rope_freqs.weight": (freqs, None)})
-    ours = load_gguf(tmp_path / "scaled.gguf")
+    ours = Llama.from_pretrained(tmp_path / "scaled.gguf")
     assert ours.config.rope_scaling == RopeScaling(4.0, 1.0, 4.0, 64)
     assert_same_logits(ours, ref)
 
@@ -281,7 +281,7 @@ def test_rope_freqs_of_released_models_give_their_scaling(factor):
 def test_gguf_quantized_weights_land_in_the_right_rows(tmp_path, qtype):
     ref = random_hf_model(vocab_size=128)
     write_gguf(tmp_path / "q.gguf", ref, qtype=qtype)
-    ours = load_gguf(tmp_path / "q.gguf")
+    ours = Llama.from_pretrained(tmp_path / "q.gguf")
     tolerance = 0.02 if qtype == gguf.GGMLQuantizationType.Q8_0 else 0.15  # of max |w| per 32-block
     for name, theirs in ref.state_dict().items():
         mine = ours.state_dict()[name]
@@ -294,14 +294,14 @@ def test_gguf_unsupported_quant_type_names_tensor_and_type(tmp_path):
     raw = np.zeros((64, 192 // block * type_size), dtype=np.uint8)
     write_gguf(tmp_path / "q.gguf", random_hf_model(), raw={"blk.1.ffn_down.weight": (raw, q8_1)})
     with pytest.raises(CheckpointError, match="'blk.1.ffn_down.weight' is stored as Q8_1"):
-        load_gguf(tmp_path / "q.gguf")
+        Llama.from_pretrained(tmp_path / "q.gguf")
 
 
 def test_gguf_unexpected_tensor(tmp_path):
     extra = {"blk.0.attn_q.bias": (np.zeros(64, dtype=np.float32), None)}
     write_gguf(tmp_path / "q.gguf", random_hf_model(), raw=extra)
     with pytest.raises(CheckpointError, match=r"1 unexpected tensor\(s\): blk.0.attn_q.bias"):
-        load_gguf(tmp_path / "q.gguf")
+        Llama.from_pretrained(tmp_path / "q.gguf")
 
 
 def test_gguf_other_architecture(tmp_path):
@@ -313,7 +313,7 @@ def test_gguf_other_architecture(tmp_path):
     w.write_tensors_to_file()
     w.close()
     with pytest.raises(CheckpointError, match="general.architecture is 'qwen2'"):
-        load_pretrained(tmp_path / "q.gguf")
+        Llama.from_pretrained(tmp_path / "q.gguf")
 
 
 # ------------------------------------------------------------------ Meta (params.json + consolidated.NN.pth)
@@ -359,7 +359,7 @@ def meta_params(ref, **extra) -> dict:
 def test_meta_two_ranks_match_transformers(tmp_path, vocab_split_dim, vocab_size):
     ref = random_hf_model()  # intermediate 192 = meta_ffn_dim(64, multiple_of=32)
     write_meta(tmp_path, ref, 2, meta_params(ref, vocab_size=vocab_size), vocab_split_dim)
-    ours = Llama.from_pretrained(tmp_path)  # dispatches to load_meta
+    ours = Llama.from_pretrained(tmp_path)  # a Meta folder
     assert ours.config.ffn_dim == 192 and ours.config.vocab_size == 128 and not ours.config.tie_embeddings
     assert_same_logits(ours, ref)
 
@@ -369,7 +369,7 @@ def test_meta_scaled_rope_and_ffn_multiplier(tmp_path):
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     ref = random_hf_model(intermediate_size=256, rope_parameters=rope, max_position_embeddings=131072)
     write_meta(tmp_path, ref, 1, meta_params(ref, ffn_dim_multiplier=1.5, use_scaled_rope=True))
-    ours = load_meta(tmp_path)
+    ours = Llama.from_pretrained(tmp_path)
     assert ours.config.ffn_dim == 256 and ours.config.max_seq_len == 131072
     assert ours.config.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 8192)
     assert_same_logits(ours, ref)
@@ -390,4 +390,4 @@ def test_meta_rank_mismatch(tmp_path):
     del shard["layers.1.feed_forward.w2.weight"]
     torch.save(shard, tmp_path / "consolidated.01.pth")
     with pytest.raises(CheckpointError, match="consolidated.01.pth.*layers.1.feed_forward.w2.weight"):
-        load_meta(tmp_path)
+        Llama.from_pretrained(tmp_path)

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
 from language import Llama, preset
-from language.checkpoints import load_gguf, load_hf, save_hf
+from language.checkpoints import save_hf
 
 ATOL = 1e-4
 SCALED_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
@@ -61,7 +61,7 @@ def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 def test_load_hf_matches_transformers(name, tmp_path):
     ref = random_hf_model(**CONFIGS[name])
     ref.save_pretrained(tmp_path)
-    ours = load_hf(tmp_path)
+    ours = Llama.from_pretrained(tmp_path)
     x = tokens()
     with torch.no_grad():
         assert_same_logits(ours(x), ref(x).logits)
@@ -70,12 +70,12 @@ def test_load_hf_matches_transformers(name, tmp_path):
 def test_llama31_rope_scaling_changes_logits(tmp_path):
     ref = random_hf_model(**CONFIGS["llama31-rope"])
     ref.save_pretrained(tmp_path)
-    scaled = load_hf(tmp_path)
+    scaled = Llama.from_pretrained(tmp_path)
     assert scaled.config.rope_scaling is not None and SEQ_LEN > scaled.config.rope_scaling.original_max_position
     config = json.loads((tmp_path / "config.json").read_text())
     config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    plain = load_hf(tmp_path)
+    plain = Llama.from_pretrained(tmp_path)
     assert plain.config.rope_scaling is None
     x = tokens()
     with torch.no_grad():
@@ -124,7 +124,7 @@ def transformers_from_gguf(folder: str, name: str) -> LlamaForCausalLM:
 def smollm2(smollm2_gguf):
     assert smollm2_gguf.name == SMOLLM2_FILE
     folder = str(smollm2_gguf.parent)
-    ours = load_gguf(smollm2_gguf)
+    ours = Llama.from_pretrained(smollm2_gguf)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_dict=True, return_tensors="pt")

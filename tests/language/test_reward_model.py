@@ -6,7 +6,7 @@ import torch
 from language import Llama, preset
 from language.chat_data import RankedExample, Response, reward_attention_mask, reward_row
 from language.chat_format import RenderedDialog
-from language.checkpoints import load_pretrained, save_hf
+from language.checkpoints import save_hf
 from language.reward_model import HEAD_FILE, HEAD_NAME, RewardModel, collate_reward_rows
 from training.losses import bradley_terry_loss
 
@@ -100,7 +100,7 @@ def test_save_load_keeps_hf_names_and_the_head_apart(tmp_path, tie):
     assert HEAD_NAME not in names and "model.embed_tokens.weight" in names
     with safe_open(str(tmp_path / "rm" / HEAD_FILE), framework="pt") as f:
         assert set(f.keys()) == {HEAD_NAME}
-    lm = load_pretrained(tmp_path / "rm")  # the folder is a plain language model too
+    lm = Llama.from_pretrained(tmp_path / "rm")  # the folder is a plain language model too
     assert isinstance(lm, Llama)
     loaded = RewardModel.from_pretrained(tmp_path / "rm").eval()
     seqs = [[1, 2, 3, 4, 5], [9, 8, 7]]
