@@ -12,7 +12,7 @@ weights; the run records the frozen LM's path.
 On procedural scenes, `grounding.weight` adds an attention-grounding loss (image_grounding.py: the answer position's
 cross-attention is pushed onto the objects the question names; a training aid, not part of the paper's recipe).
 Held-out VQA accuracy (greedy short answers, exact match after VQA normalisation, per question type) is
-logged every `eval.every` steps, and the final evaluation adds the image-blind and blank-image controls.
+logged every `eval_every` steps, and the final evaluation adds the image-blind and blank-image controls.
 `final/` holds every non-LM weight (`adapter.safetensors`) and `model.json` (see image_common.py).
 """
 from __future__ import annotations
@@ -58,7 +58,6 @@ from .vqa_eval import evaluate_vqa, summarize, write_predictions
 
 @dataclass
 class EvalSection:
-    every: int = field(default=100, metadata={"range": (1, None), "help": "steps between held-out evaluations"})
     questions: int = field(default=200, metadata={"range": (0, None), "help": "held-out questions per periodic "
                                                                                "eval (0 = all)"})
     final_questions: int = field(default=0, metadata={"range": (0, None), "help": "final eval (0 = all)"})
@@ -87,6 +86,7 @@ class Config(RunConfig):
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     grounding: GroundingSection = field(default_factory=GroundingSection)
+    eval_every: int = field(default=100, metadata={"range": (1, None), "help": "steps between held-out evaluations"})
     checkpoint_every: int = field(default=100, metadata={"range": (1, None)})
     stop_after_steps: Optional[int] = field(default=None, metadata={
         "range": (1, None), "help": "stop with a checkpoint after this many steps (resume=true continues)"})
@@ -291,7 +291,7 @@ def weights_digest(module: torch.nn.Module) -> str:
 class _ImageTask:
     """The training loop's view of the run (training/loop.py): step s holds training samples s*B .. (s+1)*B-1
     (each built from its index with its own seeded RNG), collated per micro-batch; the loss (with grounding: its
-    attention mass is logged per step); held-out VQA every eval.every steps."""
+    attention mass is logged per step); held-out VQA every eval_every steps."""
 
     def __init__(self, cfg: Config, train, sample, collate, loss, grounding, evaluate, model):
         self.cfg, self.train, self.sample, self._collate, self.loss = cfg, train, sample, collate, loss
@@ -378,7 +378,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         return {"results": results, "items": subset, "record": record}
 
     task = _ImageTask(cfg, train, sample, train_collate, train_loss, grounding, evaluate, model)
-    cadence = Cadence(cfg.steps, cfg.checkpoint_every, cfg.eval.every, cfg.stop_after_steps, print_every=10)
+    cadence = Cadence(cfg.steps, cfg.checkpoint_every, cfg.eval_every, cfg.stop_after_steps, print_every=10)
     model.train()
     fitted = fit(engine, task, cadence, state, logger, desc=cfg.experiment, seed=cfg.seed)
     if fitted.stopped:

@@ -29,8 +29,8 @@ def adapter_cfg(root: Path, experiment="img", **over) -> dict:
            "prompt": {"question_template": "{question}"},
            "data": {"scenes": {"image_size": 28, "eval_scenes": 3}, "qa_per_sample": 2},
            "steps": 6, "batch_size": 4, "optim": {"lr": 3e-3, "eps": 1e-8, "weight_decay": 0.01},
-           "schedule": {"warmup_steps": 1}, "checkpoint_every": 2,
-           "eval": {"every": 3, "questions": 4, "loss_batches": 1, "max_new_tokens": 2, "batch_size": 8}}
+           "schedule": {"warmup_steps": 1}, "checkpoint_every": 2, "eval_every": 3,
+           "eval": {"questions": 4, "loss_batches": 1, "max_new_tokens": 2, "batch_size": 8}}
     for key, value in over.items():
         node = cfg
         *parents, last = key.split(".")
@@ -120,7 +120,7 @@ def test_attention_grounding_adds_its_loss_to_the_same_first_step(chain, tmp_pat
     (plain,) = runs_of(chain, "img")
     cfg = yaml.safe_load((chain / "adapter.yaml").read_text())
     cfg.update(output_dir=str(tmp_path / "runs"), steps=2, grounding={"weight": 2.0})
-    cfg["eval"]["every"] = 100
+    cfg["eval_every"] = 100
     assert main(["run", str(write(tmp_path / "g.yaml", cfg))]) == 0
     (grounded,) = runs_of(tmp_path, "img")
     # same weights and batch at step 1: the grounding term (-log attention mass on the named objects) comes on top
@@ -159,7 +159,7 @@ def test_next_stage_more_tiles_chat_format_and_hot_swapped_lm(chain, tmp_path):
     cfg = adapter_cfg(tmp_path, experiment="sft", **{
         "model.init_from": str(first), "model.vision": {"max_num_tiles": 2},
         "model.language": {"swap_to": str(tmp_path / "instruct")}, "prompt.style": "chat",
-        "data.scenes.image_size": 56, "steps": 2, "checkpoint_every": 2, "eval.every": 2, "eval.controls": ["blind"]})
+        "data.scenes.image_size": 56, "steps": 2, "checkpoint_every": 2, "eval_every": 2, "eval.controls": ["blind"]})
     assert main(["run", str(write(tmp_path / "sft.yaml", cfg))]) == 0
     (run,) = runs_of(tmp_path, "sft")
     meta = json.loads((run / "final" / "model.json").read_text())
@@ -377,7 +377,7 @@ def test_two_ranks_train_on_halves_of_each_step(tmp_path, herd_two_ranks):
     """Under 2 ranks (DeepSpeed, gloo) each rank trains on its half of a step's samples: losses and token counts
     equal one process with 2 micro-batches of the same halves. fp32 sums in another order: rounding ~1e-7 of
     losses ~6, far inside 1e-5."""
-    cfg = adapter_cfg(tmp_path, steps=3, **{"eval.every": 100, "eval.loss_batches": 0})
+    cfg = adapter_cfg(tmp_path, steps=3, **{"eval_every": 100, "eval.loss_batches": 0})
     path = write(tmp_path / "two.yaml", cfg)
     herd_two_ranks("run", str(path), "engine.backend=deepspeed", "engine.zero_stage=1", cwd=tmp_path)
     (two,) = runs_of(tmp_path, "img")
