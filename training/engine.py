@@ -76,6 +76,7 @@ class Engine:
         self.step = 0
         self.skipped_total = 0
         self._nonfinite_in_a_row = 0
+        self._closed = False
         if self.backend.checkpointing:
             log.info("activation checkpointing: %s", self.backend.checkpointing)
 
@@ -233,8 +234,10 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ teardown
     def close(self) -> None:
-        """Release the backend; destroys the process group if this engine created it."""
-        self.backend.close()
+        """Release the backend; destroys the process group if this engine created it. A second call does nothing."""
+        if not self._closed:
+            self._closed = True
+            self.backend.close()
 
     def __enter__(self) -> "Engine":
         return self

@@ -13,7 +13,8 @@ A recipe hands ``fit`` a ``Task`` (its data, loss and evaluation) and an ``Engin
 - ``metrics.jsonl`` (loss, lr, grad_norm, tokens, skipped, the task's ``step_metrics``), progress output,
   evaluation every ``eval_every`` steps (``task.evaluate``; the last step is left to the recipe's final
   evaluation), checkpoints every ``checkpoint_every`` steps and at the end, and an early stop after
-  ``stop_after_steps`` steps with a checkpoint that ``resume=true`` continues.
+  ``stop_after_steps`` steps with a checkpoint that ``resume=true`` continues (the engine is closed then: the
+  run ends there).
 
 The step counter is ``state["step"]`` (optimizer steps done, data consumed); the recipe keeps whatever else it
 must resume (JSON-able) in the same ``state`` dict, which every checkpoint saves.
@@ -56,21 +57,30 @@ class Cadence:
     stop_after_steps: Optional[int] = None   # stop early (with a checkpoint) after this many steps
     print_every: Optional[int] = None        # progress lines when not in a terminal; None: about 10 per run
 
+    @classmethod
+    def of(cls, cfg, steps: Optional[int] = None, print_every: Optional[int] = None) -> "Cadence":
+        """From a recipe config's `steps`, `checkpoint_every`, `eval_every` and `stop_after_steps` (the keys every
+        recipe YAML uses); `steps` overrides a step count the recipe derives (e.g. from epochs)."""
+        return cls(cfg.steps if steps is None else steps, cfg.checkpoint_every, getattr(cfg, "eval_every", None),
+                   cfg.stop_after_steps, print_every)
+
 
 @dataclasses.dataclass
 class FitResult:
     state: dict                              # the recipe's state; state["step"] = steps done
-    stopped: bool                            # stop_after_steps ended the run before its last step
+    stopped: bool                            # stop_after_steps ended the run before its last step (engine closed)
     last: Optional[StepResult]               # the last step's result (None when no step ran)
     train_time_s: float                      # wall time spent in this session's steps (data included)
+    planned_steps: int
 
     @property
     def last_loss(self) -> float:
         return self.last.loss if self.last is not None else float("nan")
 
-    def stopped_summary(self, cadence: Cadence) -> dict:
+    def stopped_summary(self) -> dict:
         """What a run stopped by stop_after_steps reports (resume=true continues it)."""
-        return {"stopped_at_step": self.state["step"], "planned_steps": cadence.steps, "last_loss": self.last_loss}
+        return {"stopped_at_step": self.state["step"], "planned_steps": self.planned_steps,
+                "last_loss": self.last_loss}
 
 
 def shard(rows: Sequence[Any], rank: int, world_size: int, grad_accum_steps: int) -> list[list[Any]]:
@@ -137,4 +147,6 @@ def fit(engine: Engine, task: Task, cadence: Cadence, state: dict, logger: Metri
             break
         t0 = time.perf_counter()
     progress.close()
-    return FitResult(state, stopped, result, round(train_time, 1))
+    if stopped:
+        engine.close()
+    return FitResult(state, stopped, result, round(train_time, 1), cadence.steps)

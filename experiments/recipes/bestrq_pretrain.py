@@ -219,13 +219,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     if valid_set is not None:
         task.evaluate = periodic_eval
     state = engine.resume() or {"step": 0}
-    cadence = Cadence(cfg.steps, cfg.checkpoint_every, cfg.eval_every, cfg.stop_after_steps, print_every=25)
     model.train()
-    fitted = fit(engine, task, cadence, state, MetricsLogger(run_dir), desc=cfg.experiment, workers=cfg.data.workers,
-                 seed=cfg.seed)
+    fitted = fit(engine, task, Cadence.of(cfg, print_every=25), state, MetricsLogger(run_dir), desc=cfg.experiment,
+                 workers=cfg.data.workers, seed=cfg.seed)
     if fitted.stopped:
-        engine.close()
-        return fitted.stopped_summary(cadence)
+        return fitted.stopped_summary()
     last_eval = evaluate(model, frontend, valid_set, cfg, engine.device) if valid_set is not None else {}
     if last_eval:
         MetricsLogger(run_dir).log(cfg.steps, {f"eval_{k}": v for k, v in last_eval.items()})

@@ -200,12 +200,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
         return record
 
     task = _ClipTask(cfg.batch_size, train, tokenizer, clip_loss, evaluate)
-    cadence = Cadence(cfg.steps, cfg.checkpoint_every, cfg.eval_every, cfg.stop_after_steps, print_every=10)
     model.train()
-    fitted = fit(engine, task, cadence, state, logger, desc=cfg.experiment, seed=cfg.seed)
+    fitted = fit(engine, task, Cadence.of(cfg, print_every=10), state, logger, desc=cfg.experiment, seed=cfg.seed)
     if fitted.stopped:
-        engine.close()
-        return fitted.stopped_summary(cadence)
+        return fitted.stopped_summary()
     final = evaluate(cfg.steps)
     logger.log(cfg.steps, final)
     weights = engine.trainable_state_dict()

@@ -378,12 +378,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
         return {"results": results, "items": subset, "record": record}
 
     task = _ImageTask(cfg, train, sample, train_collate, train_loss, grounding, evaluate, model)
-    cadence = Cadence(cfg.steps, cfg.checkpoint_every, cfg.eval_every, cfg.stop_after_steps, print_every=10)
     model.train()
-    fitted = fit(engine, task, cadence, state, logger, desc=cfg.experiment, seed=cfg.seed)
+    fitted = fit(engine, task, Cadence.of(cfg, print_every=10), state, logger, desc=cfg.experiment, seed=cfg.seed)
     if fitted.stopped:
-        engine.close()
-        return fitted.stopped_summary(cadence)
+        return fitted.stopped_summary()
 
     finals = {split: evaluate(cfg.steps, final=True, split=split) for split in splits}
     final = finals[splits[0]]

@@ -187,7 +187,7 @@ class StepMetrics:
 class TrainResult:
     engine: Engine
     state: dict
-    stopped: bool  # stop_after_steps reached before the end
+    stopped: bool  # stop_after_steps reached before the end (the engine is closed)
     steps: int
     last_loss: float
     wall_time_s: float
@@ -238,9 +238,9 @@ def train(cfg, run_dir: Path, model: torch.nn.Module, *, total_steps: int, rows_
         raise ConfigError(f"{e} (this run has {total_steps} steps)") from None
     state = engine.resume() or {"step": 0, "snapshots": []}
     task = _PostTrainingTask(rows_at, collate, loss_fn, run_dir, engine, cfg.average, total_steps, evaluate, metrics)
-    cadence = Cadence(total_steps, cfg.checkpoint_every, cfg.eval_every, cfg.stop_after_steps)
     model.train()
-    fitted = fit(engine, task, cadence, state, MetricsLogger(run_dir), desc=cfg.experiment, seed=cfg.seed)
+    fitted = fit(engine, task, Cadence.of(cfg, steps=total_steps), state, MetricsLogger(run_dir), desc=cfg.experiment,
+                 seed=cfg.seed)
     if not fitted.stopped:
         snapshots = [Path(p) for p in state["snapshots"] if Path(p).is_file()]
         if len(snapshots) > 1:

@@ -157,7 +157,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
     summary = {"steps": outcome.steps, "planned_steps": total_steps, "last_loss": outcome.last_loss,
                "data": report_dict(report), "train_examples": len(examples)}
     if outcome.stopped:
-        outcome.engine.close()
         return {"stopped_at_step": outcome.steps, **summary}
     module = outcome.engine.module
     if eval_examples:

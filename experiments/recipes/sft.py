@@ -91,7 +91,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
     summary = {"steps": outcome.steps, "planned_steps": total_steps, "last_loss": outcome.last_loss,
                "data": report_dict(report), "dialogs": len(dialogs), "rows_per_epoch": stream.epoch_size(0)}
     if outcome.stopped:
-        outcome.engine.close()
         return {"stopped_at_step": outcome.steps, **summary}
     summary.update(task_eval.summary(initial, task_eval.final(run_dir, outcome.engine.module)))
     weights = outcome.engine.trainable_state_dict()

@@ -358,13 +358,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
         return record
 
     task.loss, task.evaluate = loss_fn, periodic_eval
-    cadence = Cadence(cfg.steps, cfg.checkpoint_every, cfg.eval_every, cfg.stop_after_steps, print_every=25)
     trainer.train()
-    fitted = fit(engine, task, cadence, state, MetricsLogger(run_dir), desc=cfg.experiment, workers=cfg.data.workers,
-                 seed=cfg.seed)
+    fitted = fit(engine, task, Cadence.of(cfg, print_every=25), state, MetricsLogger(run_dir), desc=cfg.experiment,
+                 workers=cfg.data.workers, seed=cfg.seed)
     if fitted.stopped:
-        engine.close()
-        return fitted.stopped_summary(cadence)
+        return fitted.stopped_summary()
     train_seconds = time.time() - t_start
     summary = _finish(cfg, engine, trainer, tokenizer, meta, evaluate, eval_sets, notes, train_set, run_dir, metric_names)
     if copy_note:

