@@ -18,6 +18,11 @@ A recipe hands ``fit`` a ``Task`` (its data, loss and evaluation) and an ``Engin
 
 The step counter is ``state["step"]`` (optimizer steps done, data consumed); the recipe keeps whatever else it
 must resume (JSON-able) in the same ``state`` dict, which every checkpoint saves.
+
+A run whose length depends on what it measures (text pre-training: a stage whose needle-in-a-haystack check fails
+trains more steps at a held LR) gives the task ``done(state)``: the loop then runs until it is true (``steps`` only
+sizes the progress bar), builds each step's batches right before the step (its rows may follow ``state``), and asks
+``schedule_advances(step)`` whether the LR schedule moves.
 """
 from __future__ import annotations
 
@@ -111,35 +116,45 @@ def fit(engine: Engine, task: Task, cadence: Cadence, state: dict, logger: Metri
     """Train from ``state["step"]`` to ``cadence.steps`` (or the early stop); see the module docstring.
 
     Optional task methods: ``step_metrics() -> dict`` (extra fields of each step's record, e.g. means the loss
-    function collected), ``evaluate(step) -> dict`` (periodic evaluation; the task restores train mode),
-    ``after_step(step, result, state)`` (e.g. snapshots for averaging; before the checkpoint of that step)."""
+    function collected), ``after_step(step, result, state) -> dict | None`` (right after the step: moves the
+    task's own state, e.g. snapshots for averaging; what it returns joins the step's record), ``evaluate(step) ->
+    dict`` (periodic evaluation; the task restores train mode), ``done(state)`` and ``schedule_advances(step)``
+    (see the module docstring)."""
     state.setdefault("step", 0)
     if state["step"]:
         print(f"herd: resumed at step {state['step']} of {cadence.steps}", flush=True)
     progress = Progress(cadence.steps, initial=state["step"],
                         print_every=cadence.print_every or max(1, cadence.steps // 10), desc=desc)
     batches = _StepBatches(task, engine.rank, engine.world_size, engine.cfg.grad_accum_steps)
-    loader = DataLoader(batches, batch_size=None, sampler=range(state["step"], cadence.steps), num_workers=workers,
-                        generator=torch.Generator().manual_seed(seed))
+    done = getattr(task, "done", None)
+    if done is None:
+        loader = DataLoader(batches, batch_size=None, sampler=range(state["step"], cadence.steps),
+                            num_workers=workers, generator=torch.Generator().manual_seed(seed))
+    elif workers:
+        raise TrainingError("a task with done(state) builds each step's batches from its state: use workers=0")
+    else:
+        loader = (batches[state["step"]] for _ in iter(lambda: done(state), True))
     step_metrics = getattr(task, "step_metrics", None)
     evaluate = getattr(task, "evaluate", None)
     after_step = getattr(task, "after_step", None)
+    schedule_advances = getattr(task, "schedule_advances", None)
     result, stopped, train_time = None, False, 0.0
     t0 = time.perf_counter()
     for micro in loader:
-        result = engine.train_step(micro, task.loss)
+        advance = schedule_advances(state["step"]) if schedule_advances is not None else True
+        result = engine.train_step(micro, task.loss, advance_schedule=advance)
         state["step"] += 1
         step = state["step"]
         train_time += time.perf_counter() - t0
         progress.update(step, result.loss, result.tokens)
         record = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "tokens": result.tokens,
                   "skipped": result.skipped, **(step_metrics() if step_metrics else {})}
+        if after_step is not None:
+            record.update(after_step(step, result, state) or {})
         if evaluate is not None and cadence.eval_every and step % cadence.eval_every == 0 and step < cadence.steps:
             record.update(evaluate(step))
         logger.log(step, record)
-        if after_step is not None:
-            after_step(step, result, state)
-        finished = step == cadence.steps
+        finished = done(state) if done is not None else step == cadence.steps
         stopped = cadence.stop_after_steps is not None and step >= cadence.stop_after_steps and not finished
         if step % cadence.checkpoint_every == 0 or finished or stopped:
             engine.save_checkpoint(state)

@@ -32,8 +32,8 @@ from training.distributed import barrier, is_rank0
 from training.config import EngineConfig, OptimConfig, ScheduleConfig
 from training.engine import Engine
 from training.errors import TrainingError
+from training.loop import Cadence, fit
 from training.metrics import MetricsLogger, plot_curves
-from training.progress import Progress
 
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
@@ -229,10 +229,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     except ValueError as e:  # the engine's own validation names the key
         raise ConfigError(f"{e} (the plan has {len(plan)} steps)") from None
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    state = engine.resume() or {"plan_index": 0, "cursor": 0, "retries": {}, "niah": {}, "skipped": 0,
+    state = engine.resume() or {"step": 0, "plan_index": 0, "cursor": 0, "retries": {}, "niah": {}, "skipped": 0,
                                 "snapshots": [], "retry_stage": None, "retry_left": 0}
-    if state["plan_index"]:
-        print(f"herd: resumed at step {state['plan_index']} of {len(plan)}", flush=True)
     logger = MetricsLogger(run_dir)
     val_cache: dict[int, list] = {}
 
@@ -241,62 +239,85 @@ def run(cfg: Config, run_dir: Path) -> dict:
             val_cache[seq_len] = eval_batches(val_tokens, seq_len, cfg.data.val_batch_size, pad_id=pad_id)
         return perplexity(engine.model, val_cache[seq_len][:limit] if limit else val_cache[seq_len])
 
-    datasets: dict[int, PackedDataset] = {}
-    n_stages = len(cfg.stages)
-    snap_every = max(1, anneal_steps // cfg.anneal.average_checkpoints) if anneal_steps else 0
-    progress = Progress(len(plan), initial=state["plan_index"], print_every=10, desc=cfg.experiment)
+    def niah_gate(ps: PlanStep) -> tuple[int, float]:
+        return _niah_gate(cfg, ps, engine.model, tokenizer, val_docs, state, run_dir)
+
+    task = _PretrainTask(cfg, plan, train_tokens, pad_id, engine, state, run_dir, val_ppl, niah_gate, model)
     model.train()
-    while state["plan_index"] < len(plan) or state["retry_stage"] is not None:
-        # a retry after a failed NIAH check repeats the gated stage's last step shape at a held LR
-        retrying = state["retry_stage"] is not None
-        ps = plan[state["plan_index"] - 1] if retrying else plan[state["plan_index"]]
-        ds = datasets.setdefault(ps.seq_len, PackedDataset(train_tokens, ps.seq_len, seed=cfg.seed, pad_id=pad_id))
+    fitted = fit(engine, task, Cadence.of(cfg, steps=len(plan), print_every=10), state, logger, desc=cfg.experiment,
+                 seed=cfg.seed)
+    if fitted.stopped:
+        return fitted.stopped_summary()
+    summary = _finish(cfg, engine, model, tokenizer, val_docs, val_ppl, unigram, state, run_dir, plan, t_start)
+    engine.close()
+    return summary
+
+
+class _PretrainTask:
+    """The training loop's view of the staged plan (training/loop.py): each step packs its rows from the data cursor
+    at the plan's sequence length and batch size; a stage with a NIAH gate is checked when it ends, and a failed
+    check trains retry steps of its last shape at a held LR (the loop runs until `done`); annealing snapshots are
+    kept for the Polyak average."""
+
+    def __init__(self, cfg, plan, train_tokens, pad_id, engine, state, run_dir, val_ppl, niah_gate, model):
+        self.cfg, self.plan, self.train_tokens, self.pad_id, self.engine = cfg, plan, train_tokens, pad_id, engine
+        self.state, self.run_dir, self.val_ppl, self.niah_gate, self.model = state, run_dir, val_ppl, niah_gate, model
+        self.datasets: dict[int, PackedDataset] = {}
+        self.anneal_steps = sum(1 for p in plan if p.stage == len(cfg.stages))
+        self.snap_every = max(1, self.anneal_steps // cfg.anneal.average_checkpoints) if self.anneal_steps else 0
+        self.current: Optional[tuple[PlanStep, bool, int]] = None  # the step being trained, retrying, next cursor
+
+    loss = staticmethod(lm_loss)
+
+    def done(self, state: dict) -> bool:
+        return state["plan_index"] >= len(self.plan) and state["retry_stage"] is None
+
+    def rows(self, step: int) -> list[dict]:
+        state = self.state
+        retrying = state["retry_stage"] is not None  # a retry repeats the gated stage's last step shape
+        ps = self.plan[state["plan_index"] - 1] if retrying else self.plan[state["plan_index"]]
+        ds = self.datasets.setdefault(ps.seq_len, PackedDataset(self.train_tokens, ps.seq_len, seed=self.cfg.seed,
+                                                                pad_id=self.pad_id))
         batch = ds.batch_at(state["cursor"], ps.batch_size)
-        # every rank packs the same global batch and trains on its share of the rows
-        rows = {k: v[engine.rank::engine.world_size] for k, v in batch.as_dict().items()}
-        micro = _split(rows, cfg.engine.grad_accum_steps)
-        result = engine.train_step(micro, lm_loss, advance_schedule=not retrying)
-        state["cursor"] = batch.next_cursor
+        self.current = (ps, retrying, batch.next_cursor)
+        columns = batch.as_dict()
+        return [{k: v[i] for k, v in columns.items()} for i in range(ps.batch_size)]
+
+    def collate(self, rows: list[dict]) -> dict:
+        return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+
+    def schedule_advances(self, step: int) -> bool:
+        return self.state["retry_stage"] is None
+
+    def after_step(self, step: int, result, state: dict) -> dict:
+        cfg, plan, n_stages = self.cfg, self.plan, len(self.cfg.stages)
+        ps, retrying, state["cursor"] = self.current
         state["skipped"] += int(result.skipped)
         if retrying:
             state["retry_left"] -= 1
         else:
             state["plan_index"] += 1
-        step = engine.step
-        progress.update(state["plan_index"], result.loss, result.tokens)
-        record = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                  "tokens": result.tokens, "seq_len": ps.seq_len, "batch_size": ps.batch_size, "stage": ps.stage,
-                  "skipped": result.skipped, "retry": retrying}
+        record = {"seq_len": ps.seq_len, "batch_size": ps.batch_size, "stage": ps.stage, "retry": retrying}
         if step % cfg.eval_every == 0 or state["plan_index"] == len(plan):
-            record["eval_ppl"] = val_ppl(ps.seq_len)  # first data.val_batches batches: a trend
-        logger.log(step, record)
+            record["eval_ppl"] = self.val_ppl(ps.seq_len)  # first data.val_batches batches: a trend
         stage_done = (not retrying and ps.stage < n_stages
                       and (state["plan_index"] == len(plan) or plan[state["plan_index"]].stage != ps.stage))
         retry_done = retrying and state["retry_left"] <= 0
         if (stage_done or retry_done) and cfg.stages[ps.stage].niah is not None:
-            n_retry = _niah_gate(cfg, ps, engine.model, tokenizer, val_docs, state, run_dir, logger, step)
+            n_retry, accuracy = self.niah_gate(ps)
+            record[f"eval_niah_{ps.seq_len}"] = accuracy
             state["retry_stage"], state["retry_left"] = (ps.stage, n_retry) if n_retry else (None, 0)
-            model.train()
+            self.model.train()
         elif retry_done:
             state["retry_stage"], state["retry_left"] = None, 0
         if (ps.stage == n_stages and not retrying
-                and (anneal_steps - (len(plan) - state["plan_index"])) % snap_every == 0):
-            weights = engine.trainable_state_dict()  # a collective under ZeRO-3: every rank calls
-            path = save_snapshot(weights, run_dir / "anneal", step) if is_rank0() else snapshot_path(run_dir / "anneal", step)
+                and (self.anneal_steps - (len(plan) - state["plan_index"])) % self.snap_every == 0):
+            weights = self.engine.trainable_state_dict()  # a collective under ZeRO-3: every rank calls
+            path = save_snapshot(weights, self.run_dir / "anneal", step) if is_rank0() else \
+                snapshot_path(self.run_dir / "anneal", step)
             state["snapshots"].append(str(path))
             state["snapshots"] = state["snapshots"][-cfg.anneal.average_checkpoints:]
-        stop = cfg.stop_after_steps is not None and step >= cfg.stop_after_steps
-        finished = state["plan_index"] == len(plan) and state["retry_stage"] is None
-        if step % cfg.checkpoint_every == 0 or finished or stop:
-            engine.save_checkpoint(state)
-        if stop and not finished:
-            progress.close()
-            engine.close()
-            return {"stopped_at_step": step, "planned_steps": len(plan), "last_loss": result.loss}
-    progress.close()
-    summary = _finish(cfg, engine, model, tokenizer, val_docs, val_ppl, unigram, state, run_dir, plan, t_start)
-    engine.close()
-    return summary
+        return record
 
 
 def _needle_docs(cfg, tokenizer, train_docs, train_tokens, max_tokens) -> list[list[int]]:
@@ -313,23 +334,15 @@ def _needle_docs(cfg, tokenizer, train_docs, train_tokens, max_tokens) -> list[l
         raise ConfigError(f"data.niah_fraction: {e}; use a longer stage or niah_fraction=0") from None
 
 
-def _split(batch: dict, n: int) -> list[dict]:
-    size = batch["tokens"].shape[0]
-    if size % n:
-        raise ConfigError(f"engine.grad_accum_steps {n} does not divide the batch of {size} sequences")
-    return [{k: v[i::n] for k, v in batch.items()} for i in range(n)]
-
-
-def _niah_gate(cfg, ps: PlanStep, model, tokenizer, val_docs, state, run_dir, logger, step) -> int:
-    """Run the stage's NIAH check; returns the number of held-LR retry steps to train (0 = advance:
-    passed, or out of retries, which is recorded as not passed)."""
+def _niah_gate(cfg, ps: PlanStep, model, tokenizer, val_docs, state, run_dir) -> tuple[int, float]:
+    """Run the stage's NIAH check; returns (the number of held-LR retry steps to train (0 = advance: passed, or out
+    of retries, which is recorded as not passed), the accuracy)."""
     stage_idx, stage = ps.stage, cfg.stages[ps.stage]
     gate = stage.niah
     result = _niah_eval(model, tokenizer, val_docs, [stage.seq_len], gate.depths, gate.per_cell, cfg.seed)
     key = str(stage_idx)
     tries = state["retries"].get(key, 0)
     state["niah"][key] = {"seq_len": stage.seq_len, "accuracy": result.mean_accuracy, "tries": tries + 1}
-    logger.log(step, {f"eval_niah_{stage.seq_len}": result.mean_accuracy})
     if is_rank0():
         plot_niah_heatmap(result, run_dir / f"niah_stage{stage_idx}_{stage.seq_len}.png")
     passed = result.mean_accuracy >= gate.threshold
@@ -341,9 +354,9 @@ def _niah_gate(cfg, ps: PlanStep, model, tokenizer, val_docs, state, run_dir, lo
             raise TrainingError(f"stage {stage_idx} (seq_len {stage.seq_len}): NIAH accuracy "
                                 f"{result.mean_accuracy:.3f} < threshold {gate.threshold} after {tries + 1} checks "
                                 f"(stages[{stage_idx}].niah.on_fail=stop); the last checkpoint is in {run_dir}")
-        return 0
+        return 0, result.mean_accuracy
     state["retries"][key] = tries + 1
-    return max(1, math.ceil(gate.retry_tokens / (ps.batch_size * ps.seq_len)))
+    return max(1, math.ceil(gate.retry_tokens / (ps.batch_size * ps.seq_len))), result.mean_accuracy
 
 
 
