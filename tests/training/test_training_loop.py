@@ -90,3 +90,28 @@ def test_workers_prepare_the_same_batches(tmp_path):
     with _engine(tmp_path / "b") as engine:
         fit(engine, RowsTask(), Cadence(3), {"step": 0}, MetricsLogger(tmp_path / "b"), workers=2)
     assert [r["loss"] for r in _losses(tmp_path / "a")] == [r["loss"] for r in _losses(tmp_path / "b")]
+
+
+class UntilTask(RowsTask):
+    """Runs until 5 steps are done; steps 2 and 3 hold the LR schedule (as text pre-training's NIAH retries)."""
+
+    def done(self, state):
+        return state["step"] >= 5
+
+    def schedule_advances(self, step):
+        return step not in (2, 3)
+
+    def after_step(self, step, result, state):
+        return {"held": step - 1 in (2, 3)}
+
+
+def test_a_task_with_done_runs_until_it_says_so_and_can_hold_the_schedule(tmp_path):
+    with _engine(tmp_path) as engine:
+        result = fit(engine, UntilTask(), Cadence(3), {"step": 0}, MetricsLogger(tmp_path))
+    records = _losses(tmp_path)
+    assert result.state["step"] == 5 and len(records) == 5  # past Cadence.steps: done() decides
+    lrs = [r["lr"] for r in records]
+    assert [r["held"] for r in records] == [False, False, True, True, False]
+    assert lrs[2] == lrs[3] == lrs[4] != lrs[1]  # held steps leave the schedule where it was: step 4 starts there
+    with _engine(tmp_path / "w") as engine, pytest.raises(TrainingError, match="workers=0"):
+        fit(engine, UntilTask(), Cadence(3), {"step": 0}, MetricsLogger(tmp_path / "w"), workers=2)
