@@ -394,6 +394,12 @@ def _finish(cfg, engine, model, tokenizer, val_docs, val_ppl, unigram, state, ru
     except ValueError as e:  # contexts too short for a needle + question
         final_niah, summary["niah_final"] = None, f"not run: {e}"
     summary["niah_stages"] = state["niah"]
+    failed = [f"stage {k} (seq {v['seq_len']}): {v['accuracy']:.3f} < {cfg.stages[int(k)].niah.threshold} after "
+              f"{v['tries']} check(s)" for k, v in sorted(state["niah"].items()) if not v.get("passed", True)]
+    if state["niah"]:  # a gate that failed and let the run go on (on_fail: continue) is said, not buried
+        summary["niah_gates"] = ("FAILED, continued (on_fail: continue): " + "; ".join(failed)) if failed else "passed"
+    if failed and is_rank0():
+        print("herd: WARNING: NIAH gate failed, the run went on (on_fail: continue): " + "; ".join(failed), flush=True)
     summary["wall_time_s"] = round(time.time() - t_start, 1)
     weights = engine.trainable_state_dict()  # full weights on every rank (gathered under ZeRO-3)
     if is_rank0():
