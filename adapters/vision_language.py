@@ -296,7 +296,6 @@ class VisionLanguageModel(nn.Module):
         return generate_text(_ImagePrompts(self, images), prompts, max_new_tokens=max_new_tokens, **kwargs)
 
 
-
 class _ImagePrompts(nn.Module):
     """The model with a batch of prompts' images bound, shaped like `language.Llama` for
     `language.generation.generate`: prefill encodes the images once; decode steps reuse keys/values."""

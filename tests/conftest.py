@@ -26,6 +26,7 @@ def herd_two_ranks():
     """Runs `herd ARGS...` as 2 CPU ranks under the DeepSpeed launcher (gloo) in `cwd`; fails with the output's
     tail when the run fails. Every recipe trains multi-rank through the DeepSpeed backend."""
     import shutil
+    import signal
     import subprocess
     import sys
 
@@ -43,7 +44,14 @@ def herd_two_ranks():
     def run(*args: str, cwd: Path | None = None):
         cmd = [launcher, "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(find_free_port()),
                herd, *args]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        # its own process group: a timeout ends the ranks too, not only the launcher
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        assert proc.returncode == 0, out[-3000:] + err[-3000:]
         return proc
     return run

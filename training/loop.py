@@ -33,6 +33,7 @@ from typing import Any, Optional, Protocol, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .distributed import is_rank0
 from .engine import Engine, StepResult
 from .errors import TrainingError
 from .metrics import MetricsLogger
@@ -120,8 +121,8 @@ def fit(engine: Engine, task: Task, cadence: Cadence, state: dict, logger: Metri
     task's own state, e.g. snapshots for averaging; what it returns joins the step's record), ``evaluate(step) ->
     dict`` (periodic evaluation; the task restores train mode), ``done(state)`` and ``schedule_advances(step)``
     (see the module docstring)."""
-    state.setdefault("step", 0)
-    if state["step"]:
+    state.setdefault("step", state.pop("position", engine.step))  # checkpoints written before the loop had no "step"
+    if state["step"] and is_rank0():
         print(f"herd: resumed at step {state['step']} of {cadence.steps}", flush=True)
     progress = Progress(cadence.steps, initial=state["step"],
                         print_every=cadence.print_every or max(1, cadence.steps // 10), desc=desc)
@@ -140,28 +141,34 @@ def fit(engine: Engine, task: Task, cadence: Cadence, state: dict, logger: Metri
     schedule_advances = getattr(task, "schedule_advances", None)
     result, stopped, train_time = None, False, 0.0
     t0 = time.perf_counter()
-    for micro in loader:
-        advance = schedule_advances(state["step"]) if schedule_advances is not None else True
-        result = engine.train_step(micro, task.loss, advance_schedule=advance)
-        state["step"] += 1
-        step = state["step"]
-        train_time += time.perf_counter() - t0
-        progress.update(step, result.loss, result.tokens)
-        record = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "tokens": result.tokens,
-                  "skipped": result.skipped, **(step_metrics() if step_metrics else {})}
-        if after_step is not None:
-            record.update(after_step(step, result, state) or {})
-        if evaluate is not None and cadence.eval_every and step % cadence.eval_every == 0 and step < cadence.steps:
-            record.update(evaluate(step))
-        logger.log(step, record)
-        finished = done(state) if done is not None else step == cadence.steps
-        stopped = cadence.stop_after_steps is not None and step >= cadence.stop_after_steps and not finished
-        if step % cadence.checkpoint_every == 0 or finished or stopped:
-            engine.save_checkpoint(state)
-        if stopped:
-            break
-        t0 = time.perf_counter()
-    progress.close()
+    try:
+        for micro in loader:
+            advance = schedule_advances(state["step"]) if schedule_advances is not None else True
+            result = engine.train_step(micro, task.loss, advance_schedule=advance)
+            state["step"] += 1
+            step = state["step"]
+            train_time += time.perf_counter() - t0
+            progress.update(step, result.loss, result.tokens)
+            record = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "tokens": result.tokens,
+                      "skipped": result.skipped, **(step_metrics() if step_metrics else {})}
+            if after_step is not None:
+                record.update(after_step(step, result, state) or {})
+            periodic = cadence.eval_every and step % cadence.eval_every == 0 and step < cadence.steps
+            if evaluate is not None and periodic:
+                record.update(evaluate(step))
+            logger.log(step, record)
+            finished = done(state) if done is not None else step == cadence.steps
+            stopped = cadence.stop_after_steps is not None and step >= cadence.stop_after_steps and not finished
+            if step % cadence.checkpoint_every == 0 or finished or stopped:
+                engine.save_checkpoint(state)
+            if stopped:
+                break
+            t0 = time.perf_counter()
+    except BaseException:
+        engine.close()  # a failed run releases its process group; the last checkpoint stays for resume=true
+        raise
+    finally:
+        progress.close()
     if stopped:
         engine.close()
     return FitResult(state, stopped, result, round(train_time, 1), cadence.steps)

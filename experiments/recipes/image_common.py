@@ -25,7 +25,7 @@ from adapters.vision_language import VisionLanguageConfig, VisionLanguageModel
 from language import Llama, preset as language_preset
 from language.checkpoints import save_hf
 from language.tokenizer import load_tokenizer, train_bpe
-from training.distributed import barrier, is_rank0
+from training.distributed import barrier, broadcast_object, is_rank0
 from vision.config import VisionConfig, preset as vision_preset
 from vision.encoder import VisionEncoder
 from vision.open_clip_convert import config_from_open_clip, load_open_clip_visual, resize_position_embedding
@@ -195,7 +195,7 @@ def build_language(section: LanguageSection, run_dir: Path, texts, seed: int):
     if section.path:
         lm_path = section.path
         lm = Llama.from_pretrained(resolve_path(lm_path, "model.language.path"))
-    elif (lm_dir / "config.json").is_file():
+    elif broadcast_object((lm_dir / "config.json").is_file() if is_rank0() else None):  # rank 0's view, before it writes
         lm_path, lm = str(lm_dir), Llama.from_pretrained(lm_dir)
     else:
         overrides = {k: getattr(section, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",

@@ -36,7 +36,6 @@ from typing import Literal, Optional
 
 from language.chat_format import chat_format_for
 from language.model import Llama
-
 from language.sampling import sample_k
 from language.synthetic_tasks import TaskConfig, is_correct, write_task_files
 from language.tokenizer import load_tokenizer, train_bpe

@@ -229,8 +229,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     except ValueError as e:  # the engine's own validation names the key
         raise ConfigError(f"{e} (the plan has {len(plan)} steps)") from None
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    state = engine.resume() or {"step": 0, "plan_index": 0, "cursor": 0, "retries": {}, "niah": {}, "skipped": 0,
-                                "snapshots": [], "retry_stage": None, "retry_left": 0}
+    state = engine.resume() or {"step": 0, "plan_index": 0, "cursor": 0, "retries": {}, "niah": {}, "snapshots": [],
+                                "retry_stage": None, "retry_left": 0}
     logger = MetricsLogger(run_dir)
     val_cache: dict[int, list] = {}
 
@@ -286,13 +286,12 @@ class _PretrainTask:
     def collate(self, rows: list[dict]) -> dict:
         return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
 
-    def schedule_advances(self, step: int) -> bool:
+    def schedule_advances(self, step: int) -> bool:  # retries train at the LR the schedule had reached
         return self.state["retry_stage"] is None
 
     def after_step(self, step: int, result, state: dict) -> dict:
         cfg, plan, n_stages = self.cfg, self.plan, len(self.cfg.stages)
         ps, retrying, state["cursor"] = self.current
-        state["skipped"] += int(result.skipped)
         if retrying:
             state["retry_left"] -= 1
         else:
@@ -375,7 +374,7 @@ def _finish(cfg, engine, model, tokenizer, val_docs, val_ppl, unigram, state, ru
     final_len = cfg.stages[-1].seq_len
     last_ppl = val_ppl(final_len, limit=0)
     summary = {"steps": len(plan), "tokens_trained": int(sum(p.batch_size * p.seq_len for p in plan)),
-               "parameters": model.num_parameters(), "skipped_steps": state["skipped"],
+               "parameters": model.num_parameters(), "skipped_steps": engine.skipped_total,
                "val_ppl_last": last_ppl, "unigram_ppl": unigram}
     barrier()  # rank 0 has written every snapshot before any rank reads them
     snapshots = [Path(p) for p in state["snapshots"] if Path(p).is_file()]

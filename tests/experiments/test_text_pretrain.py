@@ -140,7 +140,7 @@ def test_niah_gate_retries_at_a_held_lr_then_records(experiment, threshold, trie
     (run,) = _runs(experiment)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["niah_stages"]["1"]["tries"] == tries and summary["niah_stages"]["1"]["passed"] is passed
-    assert summary["niah_gates"] == "passed" if passed else summary["niah_gates"].startswith(
+    assert (summary["niah_gates"] == "passed") if passed else summary["niah_gates"].startswith(
         "FAILED, continued (on_fail: continue): stage 1 (seq 256): 0.")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     retry_lrs = [r["lr"] for r in records if r.get("retry")]

@@ -115,3 +115,11 @@ def test_a_task_with_done_runs_until_it_says_so_and_can_hold_the_schedule(tmp_pa
     assert lrs[2] == lrs[3] == lrs[4] != lrs[1]  # held steps leave the schedule where it was: step 4 starts there
     with _engine(tmp_path / "w") as engine, pytest.raises(TrainingError, match="workers=0"):
         fit(engine, UntilTask(), Cadence(3), {"step": 0}, MetricsLogger(tmp_path / "w"), workers=2)
+
+
+def test_state_from_before_the_loop_continues_where_it_was(tmp_path):
+    """Checkpoints written before the loop kept the data position as "position" (or only the engine's step)."""
+    task = RowsTask()
+    with _engine(tmp_path) as engine:
+        result = fit(engine, task, Cadence(4), {"position": 3}, MetricsLogger(tmp_path))
+    assert result.state == {"step": 4} and task.collated == [task.rows(3)]
