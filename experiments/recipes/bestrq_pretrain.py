@@ -207,7 +207,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             features, lengths = frontend(batch["waveforms"], batch["lengths"])
         masks = torch.Generator().manual_seed(int(batch["mask_seed"]))
         out = m(features.to(weight_dtype), lengths, masks)  # DeepSpeed bf16 holds bf16 weights
-        task.metrics = out.metrics
+        task.metrics = out.metrics  # the step's last micro-batch's (logged per step)
         return out.loss_sum, out.n_masked
 
     def periodic_eval(step: int) -> dict:
@@ -220,13 +220,14 @@ def run(cfg: Config, run_dir: Path) -> dict:
         task.evaluate = periodic_eval
     state = engine.resume() or {"step": 0}
     model.train()
-    fitted = fit(engine, task, Cadence.of(cfg, print_every=25), state, MetricsLogger(run_dir), desc=cfg.experiment,
+    logger = MetricsLogger(run_dir)
+    fitted = fit(engine, task, Cadence.of(cfg, print_every=25), state, logger, desc=cfg.experiment,
                  workers=cfg.data.workers, seed=cfg.seed)
     if fitted.stopped:
         return fitted.stopped_summary()
     last_eval = evaluate(model, frontend, valid_set, cfg, engine.device) if valid_set is not None else {}
     if last_eval:
-        MetricsLogger(run_dir).log(cfg.steps, {f"eval_{k}": v for k, v in last_eval.items()})
+        logger.log(cfg.steps, {f"eval_{k}": v for k, v in last_eval.items()})
     last_metrics = task.metrics
     weights = engine.trainable_state_dict()
     summary = {"steps": cfg.steps, "encoder_parameters": model.encoder.num_parameters(),
