@@ -1,4 +1,4 @@
-"""Hugging Face Mllama (Llama 3.2 Vision) checkpoints -> `VisionLanguageModel`.
+"""Hugging Face Mllama (Llama 3.2 Vision) checkpoints -> a `MultimodalModel` with an image modality.
 
 An Mllama folder holds config.json (`model_type: mllama`, `text_config`, `vision_config`,
 `image_token_index`) and model.safetensors or shards listed in model.safetensors.index.json. Its text
@@ -33,7 +33,10 @@ from language.checkpoints.hf import safetensors_entries, config_from_hf
 from vision.config import VisionConfig
 
 from .cross_attention import positions_from_mllama
-from .vision_language import VisionLanguageConfig, VisionLanguageModel, build_vision_encoder
+from .multimodal import MultimodalModel
+from .multimodal_config import ImageModality, MultimodalConfig
+from .special_tokens import SpecialTokens
+from vision.encoder import VisionEncoder
 
 # transformers' MllamaTextConfig defaults, for keys a config.json leaves out
 _TEXT_DEFAULTS = dict(vocab_size=128256, hidden_size=4096, hidden_act="silu", num_hidden_layers=40,
@@ -54,10 +57,11 @@ class _Source(NamedTuple):
 
 
 def config_from_mllama(raw: dict, origin: str, *, n_embed_rows: Optional[int] = None,
-                       **overrides) -> VisionLanguageConfig:
-    """`VisionLanguageConfig` of an Mllama config.json dict. The `<|image|>` policy defaults to `most_recent`
-    (what transformers' Mllama processor builds). n_embed_rows: rows of the checkpoint's embedding
-    (vocab + extra tokens; default vocab + 8)."""
+                       **overrides) -> MultimodalConfig:
+    """`MultimodalConfig` (LM + image modality) of an Mllama config.json dict. The `<|image|>` policy defaults to
+    `most_recent` (what transformers' Mllama processor builds). n_embed_rows: rows of the checkpoint's embedding
+    (vocab + extra tokens; default vocab + 8). overrides: `ImageModality` fields (token_policy, max_images,
+    always_run_encoder, transformers_empty_rows)."""
     if raw.get("model_type") != "mllama":
         raise CheckpointError(f"{origin}: model_type '{raw.get('model_type')}' is not 'mllama'")
     text = {**_TEXT_DEFAULTS, **{k: v for k, v in (raw.get("text_config") or {}).items() if v is not None}}
@@ -83,19 +87,20 @@ def config_from_mllama(raw: dict, origin: str, *, n_embed_rows: Optional[int] = 
     if n_extra < 0:
         raise CheckpointError(f"{origin}: the embedding has {n_embed_rows} rows, fewer than vocab_size "
                               f"{language.vocab_size}")
-    fields = dict(language=language, vision=vision, cross_attention_layers=positions,
-                  image_token_id=int(raw.get("image_token_index", raw.get("image_token_id", 128256))),
-                  image_token_policy="most_recent", n_extra_tokens=n_extra)
-    fields.update(overrides)
+    image_id = int(raw.get("image_token_index", raw.get("image_token_id", 128256)))
     try:
-        return VisionLanguageConfig(**fields)
-    except ValueError as e:
+        image = ImageModality(**{"vision": vision, "cross_attention_layers": positions, "token_policy": "most_recent",
+                                 **overrides})
+        tokens = SpecialTokens.after_vocab(language.vocab_size, image=image_id)
+        return MultimodalConfig(language=language, image=image, special_tokens=tokens,
+                                n_extra_tokens=max(n_extra, tokens.n_extra))
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{origin}: {e}") from e
 
 
-def hf_sources(config: VisionLanguageConfig) -> Callable[[str], _Source]:
+def hf_sources(config: MultimodalConfig) -> Callable[[str], _Source]:
     """Our tensor name -> the Mllama tensor (transformers 5 spelling) it is read from."""
-    positions = config.cross_attention_layers
+    positions = config.image.positions(config.language.n_layers)
     hf_cross = [p + j for j, p in enumerate(positions)]
 
     def self_layer_index(i: int) -> int:  # our LM layer i -> its index among all Mllama text layers
@@ -123,13 +128,13 @@ def hf_sources(config: VisionLanguageConfig) -> Callable[[str], _Source]:
 
 
 def load_mllama(path, *, dtype: torch.dtype = torch.float32, device="cpu",
-                vision_encoder_factory: Callable[[VisionConfig], nn.Module] = build_vision_encoder,
-                **config_overrides) -> VisionLanguageModel:
-    """Load an HF Mllama folder as a `VisionLanguageModel` (eval mode; LM frozen, the rest trainable).
+                vision_encoder_factory: Callable[[VisionConfig], nn.Module] = VisionEncoder,
+                **config_overrides) -> MultimodalModel:
+    """Load an HF Mllama folder as a `MultimodalModel` (eval mode; LM frozen, the rest trainable).
 
     vision_encoder_factory(VisionConfig) builds the encoder whose state-dict names equal
-    `MllamaVisionModel`'s (default: `vision.encoder.VisionEncoder`). config_overrides go to
-    `VisionLanguageConfig` (e.g. image_token_policy, max_images, always_run_encoder)."""
+    `MllamaVisionModel`'s (default: `vision.encoder.VisionEncoder`). config_overrides go to the
+    `ImageModality` (e.g. token_policy, max_images, always_run_encoder)."""
     folder = Path(path)
     config_path = folder / "config.json"
     try:
@@ -145,7 +150,7 @@ def load_mllama(path, *, dtype: torch.dtype = torch.float32, device="cpu",
                                   f"is this an Mllama checkpoint?")
         config = config_from_mllama(raw, str(config_path), n_embed_rows=entries[_EMBED].shape[0], **config_overrides)
         with torch.device("meta"):
-            model = VisionLanguageModel(config, vision_encoder=vision_encoder_factory(config.vision))
+            model = MultimodalModel(config, vision_encoder=vision_encoder_factory(config.image.vision))
         expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         source = hf_sources(config)
         sources = {name: source(name) for name in expected}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,7 @@ class SpeechAdapterConfig:
     span_position: float = field(default=0.0, metadata={
         "range": (0.0, 100.0), "help": "amplitude (in LM token-embedding stds) of a fixed sinusoidal code of each "
                                        "placeholder's index in its audio span, added to the adapter outputs "
-                                       "(speech_language.span_position_code); 0 = off"})
+                                       "(span_position_code); 0 = off"})
 
     def __post_init__(self):
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
@@ -103,3 +104,16 @@ class SpeechAdapter(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def span_position_code(length: int, dim: int, base: float = 100.0, device=None) -> torch.Tensor:
+    """(length, dim) fixed sinusoidal code of positions 0..length-1 (sin on even, cos on odd channels), unit
+    amplitude. Added to an audio span's placeholders, it makes a value the LM copies carry where it was read, which
+    rotary attention alone does not: a copier then finds the next token by position, not only by content (a digit
+    that recurs in a string otherwise sends it back to the first occurrence)."""
+    position = torch.arange(length, dtype=torch.float32, device=device)[:, None]
+    frequency = torch.exp(-math.log(base) * torch.arange(0, dim, 2, device=device) / dim)
+    code = torch.zeros(length, dim, device=device)
+    code[:, 0::2] = torch.sin(position * frequency)
+    code[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return code

@@ -5,6 +5,7 @@
   herd eval niah --model PATH_OR_RUN [--lengths ...]
   herd eval speech --model SPEECH_RUN --manifest M [M ...] [--out DIR]
   herd average CKPT CKPT ... [--weights W ...] --out DIR
+  herd compose OUT MODEL MODEL [MODEL ...]
   herd chat --model PATH [--prompt TEXT]
 
 Errors in configs, data paths and checkpoints print one line naming what is wrong and exit non-zero.
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 # Errors whose message already names the file/key at fault (subclasses included): printed as one line.
 _CLEAR_ERRORS = ("CheckpointError", "DataError", "TrainingError", "CorpusError", "AudioError", "EspeakError",
                  "ImageError", "ImageDataError", "ImageBatchError", "SceneFormatError", "VQAFormatError",
-                 "SpeechInputError")
+                 "SpeechInputError", "ModelFolderError", "MediaError")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     avg.add_argument("--out", required=True, help="output folder (model.safetensors, plus config/tokenizer files "
                                                   "copied from the first checkpoint folder)")
     avg.set_defaults(func=_cmd_average)
+
+    comp = sub.add_parser("compose", help="join model folders trained on the same base LM (e.g. an image and a "
+                                          "speech run) into one model folder")
+    comp.add_argument("out", help="the model folder to write")
+    comp.add_argument("models", nargs="+", help="model folders, or run folders holding final/")
+    comp.set_defaults(func=_cmd_compose)
 
     chat = sub.add_parser("chat", help="interactive terminal chat with a language model")
     chat.add_argument("--model", required=True, help="HF folder, GGUF file or Meta folder")
@@ -182,6 +189,14 @@ def _cmd_average(args, _) -> int:
     from .averaging import average_checkpoints
     out = average_checkpoints([Path(c) for c in args.checkpoints], args.weights, Path(args.out))
     print(f"herd: averaged {len(args.checkpoints)} checkpoints into {out}")
+    return 0
+
+
+def _cmd_compose(args, _) -> int:
+    from adapters.model_folder import compose, read_meta
+    out = compose(args.models, args.out)
+    modalities = [m for m in ("image", "speech") if read_meta(out)["model"].get(m)]
+    print(f"wrote {out}: {' + '.join(modalities)} on one base LM")
     return 0
 
 
