@@ -2,6 +2,7 @@
 
     herd chat --model SmolLM2-135M-Instruct.Q4_1.gguf                 # interactive
     herd chat --model PATH --prompt "What is the capital of France?"  # one answer, then exit
+    herd chat --model runs/<experiment>/<run>/final                   # a composed model folder (text turns)
 
 Replies stream as they are generated. Interactive commands: `/reset` (forget the dialog), `/exit`
 (or Ctrl-D) to quit; Ctrl-C stops the reply being generated. The answer goes to stdout, status
@@ -15,6 +16,8 @@ from typing import Callable, Optional, TextIO
 
 import torch
 
+from adapters.model_folder import is_model_folder, load_model
+from adapters.multimodal import MultimodalModel
 from language.chat_format import ChatFormat, Message, chat_format_for
 from language.generation import generate
 from language.model import Llama
@@ -29,12 +32,17 @@ def chat_main(model_path: str, *, prompt: Optional[str] = None, system: Optional
     """Answer `prompt` and return, or (prompt None) chat interactively on stdin/stdout. Returns an exit code."""
     device = pick_device(device)
     started = time.perf_counter()
-    model = Llama.from_pretrained(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                  device=device).eval()
-    tokenizer = load_tokenizer(model_path)
+    if is_model_folder(model_path) or is_model_folder(f"{model_path}/final"):  # a composed model folder
+        loaded = load_model(model_path if is_model_folder(model_path) else f"{model_path}/final", device=device)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        model = Llama.from_pretrained(model_path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                      device=device).eval()
+        tokenizer = load_tokenizer(model_path)
     chat = Chat(model, tokenizer, chat_format_for(tokenizer), system=system, max_new_tokens=max_new_tokens,
                 temperature=temperature, top_p=top_p)
-    _status(f"loaded {model_path} ({model.num_parameters() / 1e6:.1f}M parameters, {device}) "
+    n_parameters = sum(p.numel() for p in model.parameters())
+    _status(f"loaded {model_path} ({n_parameters / 1e6:.1f}M parameters, {device}) "
             f"in {time.perf_counter() - started:.1f} s")
     if prompt is not None:
         try:
@@ -75,7 +83,7 @@ def chat_main(model_path: str, *, prompt: Optional[str] = None, system: Optional
 class Chat:
     """A dialog with a model: `reply(text)` streams the answer to `out` and keeps both messages."""
 
-    def __init__(self, model: Llama, tokenizer: Tokenizer, chat_format: ChatFormat, *, system: Optional[str] = None,
+    def __init__(self, model: Llama | MultimodalModel, tokenizer: Tokenizer, chat_format: ChatFormat, *, system: Optional[str] = None,
                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  out: TextIO | None = None):
         self.model, self.tokenizer, self.format = model, tokenizer, chat_format
@@ -98,8 +106,10 @@ class Chat:
         ids, budget = self._prompt_ids()
         out = self.out or sys.stdout
         stream = TextStream(self.tokenizer.decode, lambda s: (out.write(s), out.flush()))
-        new = generate(self.model, [ids], max_new_tokens=budget, temperature=self.temperature, top_p=self.top_p,
-                       stop_ids=self.format.stop_ids, pad_id=0, on_token=lambda _row, tok: stream.push(tok))
+        run = self.model.generate if isinstance(self.model, MultimodalModel) else \
+            (lambda prompts, **kw: generate(self.model, prompts, **kw))
+        new = run([ids], max_new_tokens=budget, temperature=self.temperature, top_p=self.top_p,
+                  stop_ids=self.format.stop_ids, pad_id=0, on_token=lambda _row, tok: stream.push(tok))
         stream.finish()
         out.write("\n")
         out.flush()
@@ -109,7 +119,8 @@ class Chat:
 
     def _prompt_ids(self) -> tuple[list[int], int]:
         """The rendered dialog and the new-token budget; drops the oldest turns when the context is short."""
-        context = self.model.config.max_seq_len
+        config = self.model.config
+        context = (config.language if isinstance(self.model, MultimodalModel) else config).max_seq_len
         dropped = 0
         while True:
             ids = self.format.render(self.messages, add_generation_prompt=True).ids

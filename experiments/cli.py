@@ -6,7 +6,7 @@
   herd eval speech --model SPEECH_RUN --manifest M [M ...] [--out DIR]
   herd average CKPT CKPT ... [--weights W ...] --out DIR
   herd compose OUT MODEL MODEL [MODEL ...]
-  herd chat --model PATH [--prompt TEXT]
+  herd chat --model PATH_OR_MODEL_FOLDER [--prompt TEXT]
 
 Errors in configs, data paths and checkpoints print one line naming what is wrong and exit non-zero.
 """
@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.set_defaults(func=_cmd_compose)
 
     chat = sub.add_parser("chat", help="interactive terminal chat with a language model")
-    chat.add_argument("--model", required=True, help="HF folder, GGUF file or Meta folder")
+    chat.add_argument("--model", required=True, help="HF folder, GGUF file, Meta folder, or a composed model folder "
+                                                      "(a run's final/, `herd compose` output)")
     chat.add_argument("--prompt", default=None, help="answer this one prompt and exit")
     chat.add_argument("--system", default=None, help="system message")
     chat.add_argument("--max-new-tokens", type=int, default=256)

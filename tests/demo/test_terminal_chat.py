@@ -87,3 +87,22 @@ def test_stream_prints_multibyte_characters_whole(tokenizer):
     stream.finish()
     assert "".join(written) == text
     assert not any("\ufffd" in w for w in written)
+
+
+def test_a_composed_model_folder_chats_as_its_language_model(gguf, tmp_path, capsys):
+    """`herd chat --model FOLDER`: a model folder over SmolLM2 with a fresh image modality (closed gates) answers
+    a text prompt as SmolLM2 itself does."""
+    import torch
+
+    from adapters import MultimodalConfig, MultimodalModel, save_model
+    from adapters.multimodal_config import ImageModality
+    from experiments.cli import main as herd
+    from vision.config import preset as vision_preset
+    lm = Llama.from_pretrained(gguf)
+    torch.manual_seed(0)
+    model = MultimodalModel(MultimodalConfig(language=lm.config, image=ImageModality(
+        vision=vision_preset("tiny", n_layers=1, n_global_layers=0, intermediate_layers=[0]))), language_model=lm)
+    save_model(model, tmp_path / "final", tokenizer=load_tokenizer(gguf), language_path=gguf)
+    assert herd(["chat", "--model", str(tmp_path), "--prompt", "What is the capital of France?",
+                 "--max-new-tokens", "24"]) == 0
+    assert "Paris" in capsys.readouterr().out
