@@ -82,10 +82,12 @@ def find_model_folder(path) -> Path:
 
 def save_model(model: MultimodalModel, folder, *, tokenizer, language_path: Optional[str] = None,
                tokenizer_path: Optional[str] = None, settings: Optional[dict] = None,
-               weights: Optional[dict[str, torch.Tensor]] = None) -> Path:
+               weights: Optional[dict[str, torch.Tensor]] = None, language_sha256: Optional[str] = None) -> Path:
     """Write a model folder (see the module docstring). language_path: a checkpoint the frozen LM is read from
     (None: the LM is saved into the folder). weights: the non-LM tensors to save (default: the model's own, e.g.
-    a gathered ZeRO-3 state). Replaces an existing folder only once the new one is complete."""
+    a gathered ZeRO-3 state). language_sha256: the LM's `language_digest` as `load_model` reads it (default:
+    computed by reading the LM back, so a model the engine cast to bf16 still records its checkpoint's digest).
+    Replaces an existing folder only once the new one is complete."""
     folder = Path(folder)
     state = model.non_language_state() if weights is None else weights
     expected = set(model.non_language_state())
@@ -106,11 +108,13 @@ def save_model(model: MultimodalModel, folder, *, tokenizer, language_path: Opti
             raise ModelFolderError(f"{folder}: the tokenizer cannot be saved; give tokenizer_path")
         if language_path is None:
             save_hf(model.language_model, tmp / LM_DIR)
-            lm_ref = LM_DIR
+            lm_ref, lm_read = LM_DIR, tmp / LM_DIR
         else:
-            lm_ref = str(Path(language_path).resolve())
+            lm_ref = lm_read = str(Path(language_path).resolve())
+        if language_sha256 is None:  # of the LM as load_model will read it (the engine may have cast the model)
+            language_sha256 = language_digest(Llama.from_pretrained(lm_read))
         meta = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
-                "language_model": {"path": lm_ref, "sha256": language_digest(model.language_model)},
+                "language_model": {"path": lm_ref, "sha256": language_sha256},
                 "tokenizer": tokenizer_ref, "settings": settings or {}}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         _replace(tmp, folder)

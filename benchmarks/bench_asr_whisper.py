@@ -57,9 +57,10 @@ def whisper_transcribe(waveforms: list[torch.Tensor], batch: int, threads: int) 
 def ours_transcribe(run_dir: Path, utterances: list, batch: int) -> tuple[list[str], float]:
     """Greedy transcripts (in the order of `utterances`) from our speech_adapter run, through the recipe's own
     loader and batched decoding; an utterance it cannot load gets an empty hypothesis."""
-    from experiments.recipes.speech_eval import load_speech_model, transcribe
+    from adapters.model_folder import load_model
+    from experiments.recipes.speech_eval import transcribe
     from speech.speech_dataset import SpeechDataset
-    loaded = load_speech_model(run_dir)
+    loaded = load_model(run_dir)
     dataset = SpeechDataset(list(utterances), AudioConfig(silence_policy="keep"))
     start = time.perf_counter()
     rows = transcribe(loaded, dataset, batch_size=batch, language="en")

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adapters.speech_adapter import SpeechAdapter  # noqa: E402
+from adapters.multimodal import MultimodalModel  # noqa: E402
+from adapters.multimodal_config import MultimodalConfig, SpeechModality  # noqa: E402
 from adapters.speech_adapter import preset as adapter_preset  # noqa: E402
-from adapters.speech_language import SpeechLanguageModel  # noqa: E402
+from adapters.speech_inputs import audio_span  # noqa: E402
 from language import Llama  # noqa: E402
 from language import preset as llama_preset  # noqa: E402
 from speech.conformer import ConformerEncoder, block_state_from_torchaudio  # noqa: E402
@@ -136,19 +137,21 @@ def main(argv=None) -> int:
                              "torchaudio_audio_s_per_s": audio_seconds / min(t_peer),
                              "ours_over_torchaudio": min(t_peer) / min(t_ours)}
     if "asr" not in args.skip:
-        lm = Llama(llama_preset(args.lm_preset)).to(device)
-        adapter = SpeechAdapter(adapter_preset("small" if config.dim >= 256 else "tiny", encoder_dim=config.dim,
-                                               lm_dim=lm.config.dim)).to(device)
-        model = SpeechLanguageModel(lm, ConformerEncoder(config), adapter).to(device).eval()
+        lm = Llama(llama_preset(args.lm_preset))
+        adapter = adapter_preset("small" if config.dim >= 256 else "tiny", encoder_dim=config.dim,
+                                 lm_dim=lm.config.dim)
+        model = MultimodalModel(MultimodalConfig(language=lm.config, speech=SpeechModality(encoder=config,
+                                                                                          adapter=adapter)),
+                                language_model=lm).to(device).eval()
         waves = torch.randn(args.asr_batch, int(args.seconds * 16000), device=device) * 0.1
-        n_frames = model.frontend.config.num_frames(waves.shape[1])
-        ids = model.audio_tokens
-        prompt = [1, 2, 3, ids.start_id] + [ids.placeholder_id] * model.placeholder_count(n_frames) + [ids.end_id, 4]
+        n_frames = model.speech_frontend.config.num_frames(waves.shape[1])
+        span = audio_span(model.placeholder_count(n_frames), model.tokens.audio_tokens)
+        prompt = [1, 2, 3] + span + [4]
 
         def decode():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                feats, flens = model.features(waves)
-                model.generate([prompt] * args.asr_batch, feats, flens, max_new_tokens=args.asr_tokens)
+                speech = model.speech_features(waves)
+                model.generate([prompt] * args.asr_batch, speech=speech, max_new_tokens=args.asr_tokens)
 
         decode()
         elapsed = best_time(decode, device, args.repeats)

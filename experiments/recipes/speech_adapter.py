@@ -25,15 +25,20 @@ import torch.nn.functional as F
 from torch import nn
 from safetensors.torch import load_file, save_file
 
+from adapters.model_folder import LoadedModel, save_model
+from adapters.multimodal import MultimodalModel, SpeechInputs
+from adapters.multimodal_config import MultimodalConfig, SpeechModality
 from adapters.speech_adapter import preset as adapter_preset
 from adapters.speech_inputs import audio_placeholder_count
-from adapters.speech_language import SpeechLanguageModel, SpeechPrompter, collate_examples
+from adapters.speech_prompts import SpeechPrompter, collate_examples
+from language import Llama
 from language import preset as llama_preset
 from language.chat_format import chat_format_for
+from language.tokenizer import load_tokenizer
 from speech.audio_io import AudioConfig
 from speech.augment import telephone_band
 from speech.conformer import ConformerConfig
-from speech.features import FeatureConfig
+from speech.features import FeatureConfig, LogMelFrontend
 from speech.manifests import DataError
 from speech.speech_dataset import SpeechDataset, collate_speech
 from speech.speech_metrics import asr_scores, bleu, chrf, write_results
@@ -219,15 +224,17 @@ class SpeechTrainer(nn.Module):
     """What the engine trains: the speech model, and with ctc.weight > 0 an auxiliary CTC head (encoder width ->
     LM vocabulary + blank) whose loss sum, times the weight, is added to the LM loss sum."""
 
-    def __init__(self, speech: SpeechLanguageModel, vocab_size: int, ctc_weight: float = 0.0):
+    def __init__(self, speech: MultimodalModel, vocab_size: int, ctc_weight: float = 0.0):
         super().__init__()
         self.speech, self.ctc_weight, self.blank = speech, ctc_weight, vocab_size
-        self.ctc_head = nn.Linear(speech.encoder.config.dim, vocab_size + 1) if ctc_weight > 0 else None
+        self.ctc_head = nn.Linear(speech.speech_encoder.config.dim, vocab_size + 1) if ctc_weight > 0 else None
 
     def forward(self, tokens, features, lengths, labels, ctc_targets=None, ctc_lengths=None):
-        hidden, hidden_lengths = self.speech.encoder_states(features, lengths)
-        speech, speech_lengths = self.speech.adapter(hidden, hidden_lengths)
-        loss, n = self.speech.loss_sum(tokens, labels, speech=speech, speech_lengths=speech_lengths)
+        """labels: house convention (labels[t] = the target after position t, `collate_examples`)."""
+        hidden, hidden_lengths = speech_eval.encoder_states(self.speech, features, lengths)
+        speech, speech_lengths = self.speech.speech_adapter(hidden, hidden_lengths)
+        loss, n = self.speech.loss_sum(tokens, labels, speech=SpeechInputs(embeddings=speech,
+                                                                           embedding_lengths=speech_lengths))
         if self.ctc_head is not None:
             log_probs = self.ctc_head(hidden).float().log_softmax(-1).transpose(0, 1)  # (T, B, vocab + 1)
             ctc = F.ctc_loss(log_probs, ctc_targets, hidden_lengths, ctc_lengths, blank=self.blank, reduction="sum",
@@ -265,14 +272,31 @@ def _prepare_data(cfg: Config) -> None:
 # Model
 
 
-def build(cfg: Config, device: str = "cpu"):
-    """(model, tokenizer, prompter, meta, init note) for a config; the LM is frozen."""
-    lm_meta = {"path": str(Path(cfg.language_model.path).resolve()) if cfg.language_model.path else None,
-               "preset": cfg.language_model.preset, "seed": cfg.language_model.seed,
-               "init_std": cfg.language_model.init_std,
-               "overrides": dict(cfg.language_model.overrides),
-               "tokenizer": str(Path(cfg.language_model.tokenizer).resolve()) if cfg.language_model.tokenizer else None}
-    lm, tokenizer = speech_eval.load_language_model(lm_meta)
+def load_language_model(section: LanguageModelSection) -> tuple[Llama, object]:
+    """The frozen LM (a checkpoint, or a seeded random preset) and its tokenizer."""
+    tokenizer = load_tokenizer(section.tokenizer or section.path)
+    if section.path is not None:
+        return Llama.from_pretrained(section.path), tokenizer
+    return random_language_model(section.preset, tokenizer.vocab_size, section.seed, section.init_std,
+                                 dict(section.overrides)), tokenizer
+
+
+def random_language_model(preset: str, vocab_size: int, seed: int = 0, init_std: Optional[float] = None,
+                          overrides: Optional[dict] = None) -> Llama:
+    """A random-init LM of a preset (seeded). init_std: the std of every weight matrix and embedding
+    (default: the Llama init, 0.02); a larger one makes a frozen random LM's attention and logits sharper."""
+    torch.manual_seed(seed)
+    model = Llama(llama_preset(preset, vocab_size=vocab_size, **(overrides or {})))
+    if init_std is not None:
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=init_std)
+    return model
+
+
+def build(cfg: Config):
+    """(model, tokenizer, prompter) for a config; the LM is frozen."""
+    lm, tokenizer = load_language_model(cfg.language_model)
     encoder_config, encoder_weights, stats = load_encoder_init(cfg.encoder)
     if cfg.features.normalization == "global" and stats is None:
         raise ConfigError("features.normalization=global needs the statistics of a BEST-RQ encoder.init_from "
@@ -282,15 +306,15 @@ def build(cfg: Config, device: str = "cpu"):
                                         **{k: v for k, v in asdict(cfg.adapter).items() if k != "preset" and v is not None})
     except ValueError as e:
         raise ConfigError(f"adapter: {e}") from None
-    meta = {"format": "herd-speech/1", "task": cfg.task, "encoder": encoder_config.to_dict(),
-            "adapter": adapter_config.to_dict(), "features": asdict(cfg.features), "language_model": lm_meta}
+    config = MultimodalConfig(language=lm.config, speech=SpeechModality(encoder=encoder_config, adapter=adapter_config,
+                                                                         features=cfg.features))
     torch.manual_seed(cfg.seed)
-    model = speech_eval.build_speech_model(meta, lm, stats)
+    model = MultimodalModel(config, language_model=lm, speech_frontend=LogMelFrontend(cfg.features, stats))
     if encoder_weights is not None:
-        model.encoder.load_state_dict(encoder_weights)
+        model.speech_encoder.load_state_dict(encoder_weights)
     model.freeze_for_stage("adapter_pretrain" if cfg.train_encoder else "adapters_only")
-    prompter = SpeechPrompter(chat_format_for(tokenizer), model.audio_tokens, cfg.task)
-    return model, tokenizer, prompter, meta
+    prompter = SpeechPrompter(chat_format_for(tokenizer), model.tokens.audio_tokens, cfg.task)
+    return model, tokenizer, prompter
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -301,7 +325,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     t_start = time.time()
     if cfg.data.prepare and is_rank0():
         _prepare_data(cfg)
-    model, tokenizer, prompter, meta = build(cfg)
+    model, tokenizer, prompter = build(cfg)
     audio = AudioConfig(max_seconds=cfg.data.max_seconds)
     train_set = SpeechDataset(cfg.data.train, audio, on_bad="replace")
     eval_sets, notes = {}, {}
@@ -314,17 +338,17 @@ def run(cfg: Config, run_dir: Path) -> dict:
             raise ConfigError(f"data.eval: manifest '{s.manifest}' does not exist")
         eval_sets[name] = (s, SpeechDataset(s.manifest, audio))
     copy_note = _copy_stage(cfg, model, tokenizer, prompter, train_set, run_dir)
-    task = SpeechTask(train_set, prompter, cfg, model.encoder.config, model.adapter.config.conv_kernel,
-                      model.adapter.config.conv_stride)
-    frontend = copy.deepcopy(model.frontend)  # float32 whatever the backend does to the model's buffers
+    task = SpeechTask(train_set, prompter, cfg, model.speech_encoder.config, model.speech_adapter.config.conv_kernel,
+                      model.speech_adapter.config.conv_stride)
+    frontend = copy.deepcopy(model.speech_frontend)  # float32 whatever the backend does to the model's buffers
     trainer = SpeechTrainer(model, tokenizer.vocab_size, cfg.ctc.weight)
     try:
         engine = Engine(trainer, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    model.frontend = frontend = frontend.to(engine.device)  # (DeepSpeed bf16 casts every buffer of its module)
+    model.speech_frontend = frontend = frontend.to(engine.device)  # (DeepSpeed bf16 casts every buffer of its module)
     state = engine.resume() or {"step": 0, "evals": {}}
-    loaded = speech_eval.LoadedSpeechModel(model, tokenizer, prompter, meta)
+    loaded = LoadedModel(model, tokenizer)
 
     def loss_fn(m, batch):
         with torch.no_grad():
@@ -340,8 +364,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         out = {}
         for name in names:
             s, ds = eval_sets[name]
-            rows = speech_eval.transcribe(loaded, ds, batch_size=cfg.decode_batch_size, max_new_tokens=cfg.max_new_tokens,
-                                          language=s.language, limit=limit)
+            rows = speech_eval.transcribe(loaded, ds, prompter=prompter, batch_size=cfg.decode_batch_size,
+                                          max_new_tokens=cfg.max_new_tokens, language=s.language, limit=limit)
             out[name] = speech_eval.score(cfg.task, rows, cfg.normalizer)
         return out
 
@@ -364,7 +388,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     if fitted.stopped:
         return fitted.stopped_summary()
     train_seconds = time.time() - t_start
-    summary = _finish(cfg, engine, trainer, tokenizer, meta, evaluate, eval_sets, notes, train_set, run_dir, metric_names)
+    summary = _finish(cfg, engine, trainer, tokenizer, evaluate, eval_sets, notes, train_set, run_dir, metric_names)
     if copy_note:
         summary["copy_pretrain"] = copy_note
     summary["train_wall_time_s"] = round(train_seconds, 1)
@@ -373,7 +397,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     return summary
 
 
-def _finish(cfg, engine, trainer, tokenizer, meta, evaluate, eval_sets, notes, train_set, run_dir, metric_names) -> dict:
+def _finish(cfg, engine, trainer, tokenizer, evaluate, eval_sets, notes, train_set, run_dir, metric_names) -> dict:
     model = trainer.speech
     summary = {"steps": cfg.steps, "task": cfg.task, "train_utterances": len(train_set),
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -400,8 +424,10 @@ def _finish(cfg, engine, trainer, tokenizer, meta, evaluate, eval_sets, notes, t
             summary[name].update(ctc_wer=ctc["wer"], ctc_cer=ctc["cer"])
     summary.update(notes)
     summary["final_eval_seconds"] = round(eval_seconds, 1)
-    save_lm = cfg.language_model.preset is not None or cfg.language_model.copy_pretrain.steps > 0  # not as loaded
-    speech_eval.save_speech_model(model, tokenizer, run_dir / "final", meta, save_lm=save_lm)
+    lm = cfg.language_model
+    as_loaded = lm.path is not None and lm.copy_pretrain.steps == 0  # else the folder holds the LM (random, trained)
+    save_model(model, run_dir / "final", tokenizer=tokenizer, language_path=str(lm.path) if as_loaded else None,
+               tokenizer_path=str(lm.tokenizer or lm.path), settings={"speech": {"task": cfg.task}})
     (run_dir / "final" / "herd_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     return summary

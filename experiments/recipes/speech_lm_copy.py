@@ -6,9 +6,9 @@ speech prompt layout itself: the ASR prompt (system instruction, `start, placeho
 turn, the transcript as the answer) with the placeholders holding the LM's own embeddings of the
 transcript's tokens (or of a random sequence of its words), each repeated a random number of times (audio
 arrives at ~2.5 placeholders per token at 80 ms) between a few zero "silence" vectors, optionally with
-Gaussian noise. The LM and the audio marker
-embeddings train on the answer tokens; afterwards the LM is frozen again and the adapter only has to map
-speech to where the LM reads (token embeddings).
+Gaussian noise. The LM and the audio start / end
+marker rows (`extra_token_embeddings`) train on the answer tokens; afterwards the LM is frozen again and the
+adapter only has to map speech to where the LM reads (token embeddings).
 
 The stage draws from its own seeded generators (never the global RNG), so it is reproducible and a resumed
 adapter run, which loads the saved LM instead of repeating the stage, continues exactly.
@@ -23,7 +23,8 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from adapters.speech_language import SpeechLanguageModel, SpeechPrompter, collate_examples
+from adapters.multimodal import MultimodalModel, SpeechInputs
+from adapters.speech_prompts import SpeechPrompter, collate_examples
 from language.model import Llama
 
 
@@ -68,7 +69,8 @@ def draw_texts(pool: Sequence[str], n: int, random_words: float, rng: random.Ran
 def copy_batch(prompter: SpeechPrompter, token_ids: Sequence[Sequence[int]], texts: Sequence[str],
                section: CopyPretrainSection, rng: random.Random, language: str = "en"):
     """(tokens (B, T), labels (B, T), span_ids (B, L), span_lengths (B,)) for a batch of transcripts: span_ids
-    holds the token id at each placeholder (-1: silence), `tokens` the prompt with a span of that length."""
+    holds the token id at each placeholder (-1: silence), `tokens` the prompt with a span of that length, labels
+    the house convention of `collate_examples` (labels[t]: the target after position t)."""
     spans, examples = [], []
     for ids, text in zip(token_ids, texts):
         span = [-1] * rng.randint(0, section.silence_max)
@@ -100,17 +102,16 @@ def span_embeddings(lm: Llama, span_ids: torch.Tensor, noise: float, generator: 
     return values
 
 
-def copy_pretrain(model: SpeechLanguageModel, prompter: SpeechPrompter, tokenizer, texts: Sequence[str],
+def copy_pretrain(model: MultimodalModel, prompter: SpeechPrompter, tokenizer, texts: Sequence[str],
                   section: CopyPretrainSection, log: Callable[[str], None] = print,
                   targets: Sequence[str] | None = None) -> dict:
-    """Train model.language_model (a `language.Llama`) and the audio marker embeddings on the copy task for
-    section.steps steps; leaves every LM parameter frozen (requires_grad False) and the LM in eval mode.
+    """Train model.language_model and the extra token embeddings (only the audio start / end marker rows get a
+    gradient, so only they change) on the copy task for section.steps steps; leaves every LM parameter frozen
+    (requires_grad False) and the LM in eval mode.
     With `targets` (one per text: AST's translations) the answer is the target, not the span's text: the LM
     learns to translate what the span holds (the paper's LM arrives able to translate).
     Returns {"copy_loss_first", "copy_loss_last" (mean of the first / last 10 steps' per-token loss), "seconds"}."""
     lm = model.language_model
-    if not isinstance(lm, Llama):
-        raise TypeError("copy_pretrain needs a language.Llama language model")
     if not texts:
         raise ValueError("copy_pretrain: no transcripts to copy")
     if targets is not None and (len(targets) != len(texts) or section.random_words):
@@ -118,7 +119,7 @@ def copy_pretrain(model: SpeechLanguageModel, prompter: SpeechPrompter, tokenize
     t0 = time.time()
     rng, generator = random.Random(section.seed), torch.Generator().manual_seed(section.seed)
     pool = list(texts)
-    params = list(lm.parameters()) + list(model.audio_marker_embeddings.parameters())
+    params = list(lm.parameters()) + list(model.extra_token_embeddings.parameters())
     was_trainable = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -141,8 +142,10 @@ def copy_pretrain(model: SpeechLanguageModel, prompter: SpeechPrompter, tokenize
                 batch, answers = [pool[i] for i in picked], [targets[i] for i in picked]
             tokens, labels, span_ids, lengths = copy_batch(prompter, [tokenizer.encode(t) for t in batch], answers,
                                                            section, rng)
-            speech = span_embeddings(lm, span_ids, section.noise, generator)
-            loss, n = model.loss_sum(tokens, labels, speech=speech, speech_lengths=lengths)
+            speech = SpeechInputs(embeddings=span_embeddings(lm, span_ids, section.noise, generator),
+                                  embedding_lengths=lengths)
+            loss, n = model.loss_sum(tokens, labels, speech=speech)
+            n = int(n)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             optimizer.zero_grad(set_to_none=True)

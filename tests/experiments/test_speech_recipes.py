@@ -71,13 +71,16 @@ def test_speech_adapter_learns_and_writes_everything(data, tmp_path):
     assert len(rows) == 12 and {"reference", "hypothesis", "wer"} <= set(rows[0])
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert "eval_heldout_wer" in records[39] and records[-1]["loss"] < records[0]["loss"]
-    for name in ("speech_config.json", "speech_model.safetensors", "tokenizer.json", "language_model/config.json"):
+    for name in ("config.json", "adapters.safetensors", "tokenizer/tokenizer.json", "language_model/config.json"):
         assert (run / "final" / name).is_file(), name
-    weights = load_file(str(run / "final" / "speech_model.safetensors"))
-    assert not any(k.startswith("language_model.") for k in weights) and "audio_marker_embeddings.weight" in weights
+    weights = load_file(str(run / "final" / "adapters.safetensors"))
+    assert not any(k.startswith("language_model.") for k in weights) and "extra_token_embeddings.weight" in weights
+    assert json.loads((run / "final" / "config.json").read_text())["settings"] == {"speech": {"task": "asr"}}
 
-    from experiments.recipes.speech_eval import evaluate_speech, load_speech_model, random_language_model
-    loaded = load_speech_model(run)  # the frozen random LM was saved as it was: bit-identical to a fresh one
+    from adapters.model_folder import load_model
+    from experiments.recipes.speech_adapter import random_language_model
+    from experiments.recipes.speech_eval import evaluate_speech
+    loaded = load_model(run)  # the frozen random LM was saved as it was: bit-identical to a fresh one
     fresh = random_language_model("tiny", loaded.tokenizer.vocab_size, 0, 0.1, {"n_layers": 1})
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, loaded.model.language_model.state_dict()[k]), k
@@ -111,7 +114,7 @@ def test_speech_adapter_stop_and_resume_equals_uninterrupted(data, tmp_path):
     resumed = _run(tmp_path, _adapter_cfg(data, tmp_path / "b", resume=True, **over))
     losses = [[json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (full, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 6
-    a, b = (load_file(str(r / "final" / "speech_model.safetensors")) for r in (full, resumed))
+    a, b = (load_file(str(r / "final" / "adapters.safetensors")) for r in (full, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     heldout = json.loads((full / "summary.json").read_text())["heldout"]  # with CTC: the encoder alone is scored too
     assert heldout["n"] == 12 and {"ctc_wer", "ctc_cer"} <= set(heldout)
@@ -136,14 +139,15 @@ def test_two_ranks_train_on_halves_of_each_step(data, tmp_path, herd_two_ranks):
 
 
 def test_ctc_transcribe_decodes_the_encoder_alone_in_data_set_order(data, tmp_path):
-    from experiments.recipes.speech_eval import ctc_transcribe, load_speech_model, score
+    from adapters.model_folder import load_model
+    from experiments.recipes.speech_eval import ctc_transcribe, score
     from speech.speech_dataset import SpeechDataset
     run = _run(tmp_path, _adapter_cfg(data, tmp_path / "r", steps=2, eval_every=100, checkpoint_every=2,
                                             schedule={"warmup_steps": 1}))
-    loaded = load_speech_model(run)
+    loaded = load_model(run)
     dataset = SpeechDataset(data / "test.jsonl")
     vocab = loaded.tokenizer.vocab_size
-    head = torch.nn.Linear(loaded.model.encoder.config.dim, vocab + 1)
+    head = torch.nn.Linear(loaded.model.speech_encoder.config.dim, vocab + 1)
     word = loaded.tokenizer.encode(" one")
     with torch.no_grad():  # a head that emits blank everywhere, then one that emits " one" on every frame
         head.weight.zero_(), head.bias.zero_(), head.bias[vocab].fill_(1.0)
@@ -200,13 +204,14 @@ def test_bestrq_quantizer_saved_restored_and_encoder_reused(data, tmp_path):
     path.write_text(yaml.safe_dump(adapter_cfg))
     model = build(resolve_config(str(path), [])[1])[0]
     encoder = load_file(str(run / "final" / "encoder.safetensors"))
-    assert all(torch.equal(model.encoder.state_dict()[k], v) for k, v in encoder.items())
-    assert not torch.equal(model.frontend.global_std, torch.ones(80))
+    assert all(torch.equal(model.speech_encoder.state_dict()[k], v) for k, v in encoder.items())
+    assert not torch.equal(model.speech_frontend.global_std, torch.ones(80))
 
 
 
 def test_copy_pretrain_teaches_the_lm_then_it_stays_frozen_and_resume_reuses_it(data, tmp_path):
-    from experiments.recipes.speech_eval import load_speech_model, random_language_model
+    from adapters.model_folder import load_model
+    from experiments.recipes.speech_adapter import random_language_model
     over = dict(steps=4, eval_every=100, checkpoint_every=2, ctc={"weight": 0.3}, schedule={"warmup_steps": 1},
                 language_model={"copy_pretrain": {"steps": 30, "lr": 1e-2, "batch_size": 8, "warmup_steps": 3}},
                 data={"eval": [{"manifest": str(data / "test.jsonl"), "name": "heldout"}]})
@@ -216,7 +221,7 @@ def test_copy_pretrain_teaches_the_lm_then_it_stays_frozen_and_resume_reuses_it(
     saved = load_file(str(full / "checkpoints" / "copy_pretrained_lm.safetensors"))
     fresh = random_language_model("tiny", 300, 0, 0.1, {"n_layers": 1}).state_dict()
     assert saved.keys() == fresh.keys() and not all(torch.equal(saved[k], fresh[k]) for k in saved)
-    lm = load_speech_model(full).model.language_model.state_dict()  # adapter training left it bit-identical
+    lm = load_model(full).model.language_model.state_dict()  # adapter training left it bit-identical
     assert lm.keys() == saved.keys() and all(torch.equal(lm[k], saved[k]) for k in saved)
 
     # stop + resume: the resumed run loads the copy-trained LM (no second copy stage) and continues exactly
@@ -225,7 +230,7 @@ def test_copy_pretrain_teaches_the_lm_then_it_stays_frozen_and_resume_reuses_it(
     assert "loaded" in json.loads((resumed / "summary.json").read_text())["copy_pretrain"]
     losses = [[json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (full, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 4
-    a, b = (load_file(str(r / "final" / "speech_model.safetensors")) for r in (full, resumed))
+    a, b = (load_file(str(r / "final" / "adapters.safetensors")) for r in (full, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -251,18 +256,22 @@ def test_ast_translation_pretrain_and_bleu_baseline(data, tmp_path, capsys):
     assert 0 < heldout["baseline_chrf"] < 100  # one of three words: right on a third of the utterances
     # the frozen LM, given the span of "one", now says "two" (its translation), not "one"
     import random as _random
-    from experiments.recipes.speech_eval import load_speech_model
+    from adapters.model_folder import load_model
+    from adapters.multimodal import SpeechInputs
+    from experiments.recipes.speech_eval import speech_prompter
     from experiments.recipes.speech_lm_copy import CopyPretrainSection, copy_batch, span_embeddings
-    loaded = load_speech_model(run)
+    loaded = load_model(run)
+    assert speech_prompter(loaded).task == "ast"  # the folder records the task
     section = CopyPretrainSection(steps=1, repeat_min=2, repeat_max=2, silence_max=0)
     losses = {}
     for answer in ("two", "one"):
-        tokens, labels, span_ids, lengths = copy_batch(loaded.prompter, [loaded.tokenizer.encode("one")], [answer],
-                                                       section, _random.Random(0))
+        tokens, labels, span_ids, lengths = copy_batch(speech_prompter(loaded), [loaded.tokenizer.encode("one")],
+                                                       [answer], section, _random.Random(0))
         speech = span_embeddings(loaded.model.language_model, span_ids, 0.0, torch.Generator())
         with torch.no_grad():
-            loss, n = loaded.model.loss_sum(tokens, labels, speech=speech, speech_lengths=lengths)
-        losses[answer] = float(loss) / n
+            loss, n = loaded.model.loss_sum(tokens, labels,
+                                            speech=SpeechInputs(embeddings=speech, embedding_lengths=lengths))
+        losses[answer] = float(loss) / int(n)
     assert losses["two"] < 0.5 * losses["one"], losses
     # a training row without its translation: the text stage names it instead of training an empty answer
     rows = (data / "ast_train.jsonl").read_text().splitlines()
@@ -316,7 +325,7 @@ def test_data_prepare_makes_the_configured_sets(data, tmp_path, monkeypatch):
 def test_copy_batch_puts_each_token_repeated_between_silences(data):
     import random as _random
     from adapters.speech_inputs import AudioTokens
-    from adapters.speech_language import IGNORE_INDEX, SpeechPrompter
+    from adapters.speech_prompts import IGNORE_INDEX, SpeechPrompter
     from experiments.recipes.speech_lm_copy import CopyPretrainSection, copy_batch, draw_texts
     from language.chat_format import chat_format_for
     from language.tokenizer import load_tokenizer
@@ -338,6 +347,8 @@ def test_copy_batch_puts_each_token_repeated_between_silences(data):
         assert int((tokens[i] == ids.placeholder_id).sum()) == lengths[i]
         answer = [t for t in labels[i].tolist() if t != IGNORE_INDEX]
         assert tokenizer.decode(answer).strip().startswith(text)
+        keep = labels[i, :-1] != IGNORE_INDEX  # house convention: labels[t] is the token at t + 1
+        assert keep.any() and torch.equal(labels[i, :-1][keep], tokens[i, 1:][keep])
     # repeat_gap: a token's run ends with one zero vector, so "one one" is two runs, never one long one
     gap = CopyPretrainSection(steps=1, repeat_min=2, repeat_max=3, silence_max=0, fill="repeat_gap")
     ids_twice = tokenizer.encode("one one")
