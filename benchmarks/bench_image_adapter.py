@@ -1,6 +1,7 @@
-"""Image-adapter training step: our `adapters.VisionLanguageModel` against `transformers.MllamaForConditionalGeneration`,
-same config, same weights (ours is loaded from the HF model's `save_pretrained` folder), same batch, dtype, device
-and frozen set, in the same run, ours and HF interleaved round by round.
+"""Image-adapter training step: our `adapters.MultimodalModel` (an image modality) against
+`transformers.MllamaForConditionalGeneration`, same config, same weights (ours is loaded from the HF model's
+`save_pretrained` folder), same batch, dtype, device and frozen set, in the same run, ours and HF interleaved round
+by round.
 
     python benchmarks/bench_image_adapter.py                                 # CPU, the "small" config
     python benchmarks/bench_image_adapter.py --device cuda --dtype bfloat16 --size base --batch 16
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters.image_tokens import ImageTextCollator  # noqa: E402
 from adapters.mllama_checkpoint import load_mllama  # noqa: E402
+from adapters.multimodal import ImageInputs  # noqa: E402
 from vision.tiling import TiledImage, TilingConfig, aspect_ratio_id  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -114,13 +116,13 @@ def step_fns(ours, hf, b):
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
     opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
     labels = b["labels"]
+    images = ImageInputs.from_batch(b)
 
     def loss_of(logits):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     def ours_step():
-        loss = loss_of(ours(b["tokens"], pixel_values=b["pixel_values"], aspect_ratio_ids=b["aspect_ratio_ids"],
-                            aspect_ratio_mask=b["aspect_ratio_mask"], cross_attention_mask=b["cross_attention_mask"]))
+        loss = loss_of(ours(b["tokens"], images=images))
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)

@@ -13,7 +13,8 @@ On procedural scenes, `grounding.weight` adds an attention-grounding loss (image
 cross-attention is pushed onto the objects the question names; a training aid, not part of the paper's recipe).
 Held-out VQA accuracy (greedy short answers, exact match after VQA normalisation, per question type) is
 logged every `eval_every` steps, and the final evaluation adds the image-blind and blank-image controls.
-`final/` holds every non-LM weight (`adapter.safetensors`) and `model.json` (see image_common.py).
+`final/` is the model folder (`adapters.model_folder`: config.json, adapters.safetensors with every non-LM weight,
+the tokenizer; see image_common.py), which vqa_eval and a later stage's `model.init_from` read.
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
 
 from adapters.freezing import parameter_counts
-from adapters.image_tokens import IGNORE_INDEX, ImageTextCollator
-from adapters.vision_language import BATCH_INPUTS, VisionLanguageModel
+from adapters.image_tokens import ImageTextCollator
+from adapters.model_folder import WEIGHTS_FILE, ModelFolderError, find_model_folder, load_model, read_meta, save_model
+from adapters.multimodal import ImageInputs, MultimodalModel
+from adapters.multimodal_config import MultimodalConfig
 from language.checkpoints import save_hf
 from language.model import Llama
 from language.tokenizer import load_tokenizer
@@ -47,9 +50,8 @@ from vision.tiling import TilingConfig
 
 from ..common import RunConfig
 from ..config import ConfigError
-from .image_common import (ADAPTER_FILE, MODEL_FILE, ModelSection, _from_record, _portable, adapt_encoder_state,
-                           build_encoder, build_language, composed_config, find_model_folder, non_language_state,
-                           resolve_path, save_image_model)
+from .image_common import (ModelSection, _from_record, _portable, adapt_encoder_state, build_encoder, build_language,
+                           composed_config, resolve_path)
 from .image_data import DataSection, PromptFormat, PromptSection, manifest_vqa_items, scene_vqa_items, training_samples
 from .image_grounding import AttentionGrounding, GroundingSection, grounding_targets
 from .image_lm_prior import AnswersByForm, prior_pretrain, without_image
@@ -111,12 +113,30 @@ class Config(RunConfig):
                              "procedural scenes: it needs data.task=vqa and no data.train_manifest")
 
 
-def loss_fn(model, batch: dict):
-    """Summed next-token cross-entropy over the labelled tokens (captions / answers), and their count."""
-    logits = model(**{k: batch[k] for k in BATCH_INPUTS if batch.get(k) is not None})
-    labels = batch["labels"]
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (labels != IGNORE_INDEX).sum()
+class ImageTrainer(nn.Module):
+    """What the engine trains: the image model, its forward the summed loss (`MultimodalModel.loss_sum`), so the
+    loss is computed through the engine's forward (DeepSpeed's hooks). Its weights are the model's under `model.`."""
+
+    def __init__(self, model: MultimodalModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, images: Optional[ImageInputs] = None):
+        return self.model.loss_sum(tokens, labels, images=images)
+
+    def gradient_checkpointing_enable(self) -> None:  # engine.activation_checkpointing
+        self.model.gradient_checkpointing_enable()
+
+
+def loss_fn(trainer, batch: dict):
+    """Summed next-token cross-entropy over the labelled tokens (captions / answers), and their count; trainer: an
+    `ImageTrainer` (or the engine around one)."""
+    return trainer(batch["tokens"], batch["labels"], ImageInputs.from_batch(batch))
+
+
+def text_loss_fn(model: MultimodalModel, batch: dict):
+    """`loss_fn` of a batch without images, on the model itself (the LM prior stage, before any engine)."""
+    return model.loss_sum(batch["tokens"], batch["labels"])
 
 
 def grounded_loss_fn(grounding: AttentionGrounding, weight: float):
@@ -136,20 +156,31 @@ def grounded_loss_fn(grounding: AttentionGrounding, weight: float):
 # ---------------------------------------------------------------------------------------------- the model
 
 def build_model(cfg: Config, run_dir: Path):
-    """-> (VisionLanguageModel with the stage's freezing, tokenizer, meta for model.json)."""
+    """-> (MultimodalModel with the stage's freezing, tokenizer, record): record = {"language_model", "tokenizer"}
+    (their paths, `run:<relative>` inside the run) and "settings" (settings["image"] of the model folder)."""
     m = cfg.model
-    earlier, earlier_dir = None, None
-    if m.init_from:
+    earlier, earlier_dir, earlier_meta, earlier_weights = None, None, None, None
+    if m.init_from:  # an earlier stage's model folder: its config, encoder and adapters
         earlier_dir = find_model_folder(resolve_path(m.init_from, "model.init_from"))
-        earlier = json.loads((earlier_dir / MODEL_FILE).read_text())
+        earlier_meta = read_meta(earlier_dir)
+        try:
+            earlier = MultimodalConfig.from_dict(earlier_meta["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFolderError(f"{earlier_dir}: bad 'model' entry: {e}") from None
+        if earlier.image is None:
+            raise ConfigError(f"model.init_from: the model in {earlier_dir} has no image modality")
+        earlier_weights = load_file(str(earlier_dir / WEIGHTS_FILE))
     if m.language.path or earlier is None:
         lm, tokenizer, record = build_language(m.language, run_dir, lambda: training_texts(cfg), cfg.seed)
-    else:  # the earlier stage's frozen LM and tokenizer
-        paths = {k: _from_record(earlier[k], earlier_dir.parent) for k in ("language_model", "tokenizer")}
-        lm, tokenizer = Llama.from_pretrained(paths["language_model"]), load_tokenizer(paths["tokenizer"])
-        record = {k: _portable(str(p), run_dir) for k, p in paths.items()}
+    else:  # the earlier stage's frozen LM (its digest checked) and tokenizer
+        loaded = load_model(earlier_dir)
+        lm, tokenizer = loaded.model.language_model, loaded.tokenizer
+        record = {k: _portable(str(_in_folder(earlier_dir, ref)), run_dir)
+                  for k, ref in (("language_model", earlier_meta["language_model"]["path"]),
+                                 ("tokenizer", earlier_meta["tokenizer"]))}
+    settings = {}
     if m.language.swap_to:  # paper Sec 7.4: the instruct LM replaces the base LM, adapters unchanged
-        record["base_language_model"] = record["language_model"]
+        settings["base_language_model"] = str(_from_record(record["language_model"], run_dir))
         record["language_model"] = _portable(m.language.swap_to, run_dir)
         swapped = Llama.from_pretrained(resolve_path(m.language.swap_to, "model.language.swap_to"))
         if not m.language.tokenizer:
@@ -159,22 +190,18 @@ def build_model(cfg: Config, run_dir: Path):
         swapped = None
     if earlier is None:
         encoder, vision_source = build_encoder(m.vision)
-        image_token_id = lm.config.vocab_size  # the first learnable extra embedding
     else:
-        encoder, vision_source = _encoder_from_earlier(m, earlier, earlier_dir)
-        image_token_id = earlier["vision_language"]["image_token_id"]
-    config = composed_config(m, lm.config, encoder.config, image_token_id,
-                             earlier["vision_language"] if earlier else None)
-    model = VisionLanguageModel(config, language_model=lm, vision_encoder=encoder)
+        encoder, vision_source = _encoder_from_earlier(m, earlier.image.vision, earlier_weights, earlier_dir)
+    config = composed_config(m, lm.config, encoder.config, earlier)
+    model = MultimodalModel(config, language_model=lm, vision_encoder=encoder)
     if earlier is None:
         model.reset_adapter_parameters(m.adapter_init_std)
     else:
-        weights = load_file(str(earlier_dir / ADAPTER_FILE))
-        adapters = {k: v for k, v in weights.items() if not k.startswith("vision_model.")}
+        adapters = {k: v for k, v in earlier_weights.items() if not k.startswith("vision_model.")}
         missing, unexpected = model.load_state_dict(adapters, strict=False)
         missing = [k for k in missing if not k.startswith(("language_model.", "vision_model."))]
         if missing or unexpected:
-            raise ConfigError(f"model.init_from: {earlier_dir / ADAPTER_FILE} does not fit this model: missing "
+            raise ConfigError(f"model.init_from: {earlier_dir / WEIGHTS_FILE} does not fit this model: missing "
                               f"{missing[:5]}, unexpected {unexpected[:5]}")
     if swapped is not None:
         try:
@@ -182,23 +209,43 @@ def build_model(cfg: Config, run_dir: Path):
         except ValueError as e:
             raise ConfigError(f"model.language.swap_to: {e}") from None
     model.freeze_for_stage(m.freeze.policy())
-    meta = {"format": "herd-image-model/1", "vision_language": config.to_dict(), **record,
-            "vision_source": vision_source, "init_from": str(earlier_dir) if earlier_dir else None,
-            "prompt": asdict(cfg.prompt)}
-    return model, tokenizer, meta
+    settings.update(vision_source=vision_source, init_from=str(earlier_dir) if earlier_dir else None,
+                    prompt=asdict(cfg.prompt))
+    return model, tokenizer, {**record, "settings": settings}
 
 
-def _encoder_from_earlier(m: ModelSection, earlier: dict, folder: Path) -> tuple[VisionEncoder, str]:
-    old = VisionConfig.from_dict(earlier["vision_language"]["vision"])
+def _in_folder(folder: Path, ref: str) -> Path:
+    """A path a model folder's config.json records: absolute, or relative to the folder."""
+    path = Path(ref)
+    return path if path.is_absolute() else folder / path
+
+
+def _encoder_from_earlier(m: ModelSection, old: VisionConfig, weights: dict, folder: Path) -> tuple[VisionEncoder, str]:
     try:
         new = VisionConfig(**{**old.to_dict(), **m.vision.overrides()})
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model.vision: {e}") from None
     prefix = "vision_model."
-    state = {k[len(prefix):]: v for k, v in load_file(str(folder / ADAPTER_FILE)).items() if k.startswith(prefix)}
+    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     encoder = VisionEncoder(new)
     encoder.load_state_dict(adapt_encoder_state(state, old, new, encoder.state_dict()))
     return encoder, str(folder)
+
+
+def save_final(model: MultimodalModel, folder: Path, tokenizer, record: dict, run_dir: Path,
+               weights: dict[str, torch.Tensor], reload_language: bool) -> Path:
+    """Write the model folder: the LM by its recorded path, or (a preset LM of this run) saved into the folder.
+    reload_language: the engine changed the LM's tensors (ZeRO-3 partitions them, DeepSpeed's bf16 casts them),
+    so the folder is written around the LM as loaded from its recorded path, the one a load finds."""
+    lm_path = _from_record(record["language_model"], run_dir)
+    if reload_language:
+        lm = Llama.from_pretrained(lm_path)
+        with torch.device("meta"):  # only the shapes of the rest count: `weights` are saved
+            model = MultimodalModel(model.config, language_model=lm)
+    return save_model(model, folder, tokenizer=tokenizer, weights=weights,
+                      language_path=None if record["language_model"].startswith("run:") else str(lm_path),
+                      tokenizer_path=str(_from_record(record["tokenizer"], run_dir)),
+                      settings={"image": record["settings"]})
 
 
 def training_texts(cfg: Config, n_scenes: int = 2000) -> list[str]:
@@ -224,7 +271,7 @@ PRIOR_FILE = "prior_pretrain.json"
 FORM_POOL_SAMPLES = 2000  # training samples whose answers make prior_pretrain.redraw_answers' pools
 
 
-def _prior_stage(cfg: Config, model: VisionLanguageModel, fmt: PromptFormat, train, collate, run_dir: Path) -> dict:
+def _prior_stage(cfg: Config, model: MultimodalModel, fmt: PromptFormat, train, collate, run_dir: Path) -> dict:
     """model.language.prior_pretrain: train the run's random LM on the training samples' text alone
     (image_lm_prior.py) before the engine takes the trainable parameters, and save it over
     run_dir/language_model (the LM this run records), with PRIOR_FILE beside it. A resumed run has loaded that
@@ -248,25 +295,25 @@ def _prior_stage(cfg: Config, model: VisionLanguageModel, fmt: PromptFormat, tra
             sample = replace(sample, qa=[by_form.redraw(qa, rng) if rng.random() < section.redraw_answers else qa
                                          for qa in sample.qa])
         return without_image(fmt.training_sample(sample, cfg.data.task, cfg.data.qa_per_sample, rng),
-                             model.config.image_token_id)
+                             model.tokens.image)
 
     def batch_at(step: int, rng: random.Random) -> dict:
         first = step * section.batch_size
         return collate([text_sample(i, rng) for i in range(first, first + section.batch_size)])
 
-    note = prior_pretrain(model, batch_at, loss_fn, section)
+    note = prior_pretrain(model, batch_at, text_loss_fn, section)
     if is_rank0():
         save_hf(model.language_model, lm_dir)
         (lm_dir / PRIOR_FILE).write_text(json.dumps(note) + "\n")
     return note
 
 
-def _training_loss(cfg: Config, model: VisionLanguageModel, collate):
+def _training_loss(cfg: Config, model: MultimodalModel, collate):
     """-> (collate, loss_fn, AttentionGrounding or None) of the training steps: with grounding.weight, batches carry
     the grounded questions' targets and the loss adds the attention-grounding term (image_grounding.py)."""
     if not cfg.grounding.weight:
         return collate, loss_fn, None
-    vision = model.config.vision
+    vision = model.config.image.vision
     if vision.max_num_tiles != 1:
         raise ConfigError(f"grounding.weight needs one tile per image (model.vision.max_num_tiles 1, got "
                           f"{vision.max_num_tiles}): targets are patches of the scene's single tile")
@@ -319,11 +366,12 @@ class _ImageTask:
 def run(cfg: Config, run_dir: Path) -> dict:
     t_start = time.time()
     torch.manual_seed(cfg.seed)
-    model, tokenizer, meta = build_model(cfg, run_dir)
+    model, tokenizer, provenance = build_model(cfg, run_dir)
     zero3 = cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3
-    vision = model.config.vision
-    tiling = TilingConfig(tile_size=vision.image_size, max_tiles=vision.max_num_tiles, max_images=cfg.model.max_images)
-    fmt = PromptFormat(tokenizer, model.config.image_token_id, cfg.prompt, model.config.language.max_seq_len)
+    image = model.config.image
+    tiling = TilingConfig(tile_size=image.vision.image_size, max_tiles=image.vision.max_num_tiles,
+                          max_images=image.max_images)
+    fmt = PromptFormat(tokenizer, model.tokens.image, cfg.prompt, model.config.language.max_seq_len)
     train = training_samples(cfg.data, tiling, cfg.seed)
     # evaluation sets: the eval manifest, or one per scene split (the first drives periodic evals and eval_loss)
     if cfg.data.eval_manifest:
@@ -334,15 +382,16 @@ def run(cfg: Config, run_dir: Path) -> dict:
     # eval_loss samples: the eval manifest (any split name but "train" selects it), or the first split's scenes
     loss_split = "heldout" if cfg.data.eval_manifest else splits[0]
     loss_samples = training_samples(cfg.data, tiling, cfg.seed, split=loss_split)
-    collate = ImageTextCollator(model.config.image_token_id, tiling, model.config.image_token_policy, fmt.pad_id)
+    collate = ImageTextCollator(model.tokens.image, tiling, image.token_policy, fmt.pad_id)
     train_collate, train_loss, grounding = _training_loss(cfg, model, collate)  # checks grounding's config first
     prior_note = _prior_stage(cfg, model, fmt, train, collate, run_dir)
     lm_digest = None if zero3 else weights_digest(model.language_model)
+    lm_dtype = model.language_model.lm_head.weight.dtype
     counts = parameter_counts(model)
-    engine = Engine(model, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)
-    if is_rank0():
-        (run_dir / MODEL_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    state = engine.resume() or {"step": 0, "language_model": meta["language_model"]}
+    engine = Engine(ImageTrainer(model), cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir,
+                    seed=cfg.seed)
+    model = engine.module.model  # the same model, on the engine's device
+    state = engine.resume() or {"step": 0, "language_model": provenance["language_model"]}
     logger = MetricsLogger(run_dir)
 
     def sample(source, index: int, seed_tag: str) -> dict:
@@ -364,7 +413,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         limit = cfg.eval.final_questions if final else cfg.eval.questions
         subset = eval_sets[split][:limit] if limit else eval_sets[split]
         modes = ["image"] + (list(cfg.eval.controls) if final else [])
-        results = evaluate_vqa(engine.module, fmt, subset, tiling, modes=modes, batch_size=cfg.eval.batch_size,
+        results = evaluate_vqa(model, fmt, subset, tiling, modes=modes, batch_size=cfg.eval.batch_size,
                                max_new_tokens=cfg.eval.max_new_tokens)
         prefix = "eval" if split == splits[0] else f"eval_{split}"
         record = {f"{prefix}_vqa_accuracy": results["image"]["accuracy"]}
@@ -387,23 +436,26 @@ def run(cfg: Config, run_dir: Path) -> dict:
     final = finals[splits[0]]
     summary = {"steps": cfg.steps, "samples_seen": cfg.steps * cfg.batch_size, "skipped_steps": engine.skipped_total,
                "trainable_parameters": sum(c["trainable"] for c in counts.values()),
-               "frozen_lm_parameters": counts["language_model"]["total"], "language_model": meta["language_model"],
-               "eval_split": splits[0], "eval_questions": len(final["items"])}
+               "frozen_lm_parameters": counts["language_model"]["total"],
+               "language_model": provenance["language_model"], "eval_split": splits[0],
+               "eval_questions": len(final["items"])}
     if prior_note:
         summary["prior_pretrain"] = prior_note
     summary.update(summarize(final["results"]))  # the first split's figures at the top level
     for split in splits[1:]:
         summary[split] = {"eval_questions": len(finals[split]["items"]), **summarize(finals[split]["results"])}
     if lm_digest is not None:
-        summary["language_model_unchanged"] = weights_digest(engine.module.language_model) == lm_digest
+        summary["language_model_unchanged"] = weights_digest(model.language_model) == lm_digest
         summary["language_model_sha256"] = lm_digest
     weights = engine.trainable_state_dict()  # a collective under ZeRO-3
     summary["train_time_s"] = fitted.train_time_s
     summary["wall_time_s"] = round(time.time() - t_start, 1)
     if is_rank0():
-        export = {**non_language_state(engine.module), **{k: v for k, v in weights.items()
-                                                          if not k.startswith("language_model.")}}
-        save_image_model(run_dir / "final", export, meta)
+        trained = {k.removeprefix("model."): v for k, v in weights.items()}  # ImageTrainer's names
+        export = {**model.non_language_state(), **{k: v for k, v in trained.items()
+                                                   if not k.startswith("language_model.")}}
+        save_final(model, run_dir / "final", tokenizer, provenance, run_dir, export,
+                   reload_language=zero3 or model.language_model.lm_head.weight.dtype != lm_dtype)
         for split in splits:
             name = "predictions.jsonl" if split == splits[0] else f"predictions_{split}.jsonl"
             write_predictions(run_dir / name, finals[split]["items"], finals[split]["results"])

@@ -1,13 +1,15 @@
 """What the image recipes share: model config sections, building the composed model (frozen LM + image encoder
-+ adapters) from paths, presets or an earlier stage, and loading a trained image model back.
++ adapters) from paths, presets or an earlier stage, and reading encoder weights back.
 
 Paths in these sections are local files or folders (e.g. `data/weights/SmolLM2-135M-Instruct.Q4_1.gguf`, which
 `make` extracts), or `pkg:<module>/<file>` for a file shipped inside an installed Python package.
 
-A trained image model (an `image_adapter` run's `final/`) is `adapter.safetensors` (every weight that is not
-the language model's: encoder, projector, cross-attention blocks, extra token embeddings) and `model.json`
-(the `VisionLanguageConfig`, the frozen LM's and the tokenizer's paths, the prompt settings). The LM's own
-weights are never copied: `model.json` records where they are.
+A trained image model (an `image_adapter` run's `final/`) is a model folder (`adapters.model_folder`):
+config.json (the `MultimodalConfig` with its image modality, the frozen LM's path and digest, and under
+settings["image"] what the recipe records: the prompt settings, where the encoder started, the earlier stage)
+and adapters.safetensors (every weight that is not the language model's: encoder, projector, cross-attention
+blocks, extra token embeddings), with the tokenizer. A checkpoint LM's weights are never copied (the folder
+records its path); a random preset LM made by the run is saved into the folder.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from adapters.freezing import STAGES, stage_policy
-from adapters.vision_language import VisionLanguageConfig, VisionLanguageModel
+from adapters.model_folder import WEIGHTS_FILE, ModelFolderError, is_model_folder, read_meta
+from adapters.multimodal_config import ImageModality, MultimodalConfig
+from adapters.special_tokens import SpecialTokens
 from language import Llama, preset as language_preset
 from language.checkpoints import save_hf
 from language.tokenizer import load_tokenizer, train_bpe
@@ -34,9 +38,7 @@ from vision.tiling import supported_aspect_ratios
 from ..config import ConfigError, missing_path
 from .image_lm_prior import PriorPretrainSection
 
-MODEL_FILE, ADAPTER_FILE = "model.json", "adapter.safetensors"
 ENCODER_FILE, ENCODER_CONFIG = "encoder.safetensors", "vision_config.json"
-LANGUAGE_PREFIX = "language_model."
 
 
 def resolve_path(value: str, key: str = "path") -> Path:
@@ -267,19 +269,25 @@ def build_encoder(section: VisionSection) -> tuple[VisionEncoder, str]:
 
 
 def read_encoder(path: Path) -> tuple[VisionConfig, dict]:
-    """Encoder config + weights from a clip_pretrain run / final folder or an image_adapter run / final folder."""
+    """Encoder config + weights from a clip_pretrain run / final folder or an image model folder (an image_adapter
+    run or its final/)."""
     folder = path / "final" if (path / "final").is_dir() else path
     if (folder / ENCODER_FILE).is_file() and (folder / ENCODER_CONFIG).is_file():
         config = VisionConfig.from_dict(json.loads((folder / ENCODER_CONFIG).read_text()))
         return config, load_file(str(folder / ENCODER_FILE))
-    if (folder / ADAPTER_FILE).is_file() and (folder / MODEL_FILE).is_file():
-        meta = json.loads((folder / MODEL_FILE).read_text())
-        config = VisionConfig.from_dict(meta["vision_language"]["vision"])
+    if is_model_folder(folder):
+        try:
+            image = read_meta(folder)["model"].get("image")
+        except ModelFolderError as e:
+            raise ConfigError(f"model.vision.init_from: {e}") from None
+        if image is None:
+            raise ConfigError(f"model.vision.init_from: the model in '{folder}' has no image modality")
         prefix = "vision_model."
-        weights = load_file(str(folder / ADAPTER_FILE))
-        return config, {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        weights = load_file(str(folder / WEIGHTS_FILE))
+        return VisionConfig.from_dict(image["vision"]), {k[len(prefix):]: v for k, v in weights.items()
+                                                         if k.startswith(prefix)}
     raise ConfigError(f"model.vision.init_from: '{path}' holds neither {ENCODER_FILE} + {ENCODER_CONFIG} "
-                      f"(clip_pretrain) nor {ADAPTER_FILE} + {MODEL_FILE} (image_adapter)")
+                      f"(clip_pretrain) nor an image model folder (image_adapter)")
 
 
 _SAME_SHAPE = ("patch_size", "num_channels", "width", "n_layers", "n_heads", "mlp_dim", "n_global_layers",
@@ -327,67 +335,26 @@ def _layout_ids(config: VisionConfig) -> dict:
     return {layout: i + 1 for i, layout in enumerate(layouts)}
 
 
-def composed_config(model: ModelSection, language, vision: VisionConfig, image_token_id: int,
-                    earlier: Optional[dict] = None) -> VisionLanguageConfig:
-    """The VisionLanguageConfig of this stage; an earlier stage fixes the cross-attention layout."""
+def composed_config(model: ModelSection, language, vision: VisionConfig,
+                    earlier: Optional[MultimodalConfig] = None) -> MultimodalConfig:
+    """The MultimodalConfig of this stage (the LM and its image modality). `<|image|>` is the first id past the
+    LM vocabulary, with 8 learnable extra rows; an earlier stage fixes the special tokens and the cross-attention
+    layout."""
     every, layers = model.cross_attention_every, model.cross_attention_layers
+    tokens = SpecialTokens.after_vocab(language.vocab_size, image=language.vocab_size)
+    n_extra = max(8, tokens.image - language.vocab_size + 1)
     if earlier is not None:
-        if (every is not None and every != earlier["cross_attention_every"]) or (
-                layers is not None and sorted(layers) != earlier["cross_attention_layers"]):
+        fixed = earlier.image.positions(earlier.language.n_layers)
+        if (every is not None and every != earlier.image.cross_attention_every) or (
+                layers is not None and sorted(layers) != fixed):
             raise ConfigError("model.cross_attention_*: the earlier stage (model.init_from) fixes the "
-                              f"cross-attention layers at {earlier['cross_attention_layers']}; leave them null")
-        every, layers = earlier["cross_attention_every"], earlier["cross_attention_layers"]
+                              f"cross-attention layers at {fixed}; leave them null")
+        every, layers = earlier.image.cross_attention_every, earlier.image.cross_attention_layers
+        tokens, n_extra = earlier.special_tokens, earlier.n_extra_tokens
     try:
-        return VisionLanguageConfig(
-            language=language, vision=vision, cross_attention_layers=layers, cross_attention_every=every or 4,
-            image_token_id=image_token_id, image_token_policy=model.image_token_policy, max_images=model.max_images,
-            n_extra_tokens=max(8, image_token_id - language.vocab_size + 1),
-            always_run_encoder=model.always_run_encoder)
+        image = ImageModality(vision=vision, cross_attention_layers=layers, cross_attention_every=every or 4,
+                              token_policy=model.image_token_policy, max_images=model.max_images,
+                              always_run_encoder=model.always_run_encoder)
+        return MultimodalConfig(language=language, image=image, special_tokens=tokens, n_extra_tokens=n_extra)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
-
-
-def non_language_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
-    """Every weight of the composed model that is not the language model's (what `adapter.safetensors` holds)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(LANGUAGE_PREFIX)}
-
-
-def save_image_model(folder: Path, weights: dict, meta: dict) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(folder / ADAPTER_FILE), metadata={"format": "pt", "written_by": "herd.image_adapter"})
-    (folder / MODEL_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    return folder
-
-
-def find_model_folder(path: Path) -> Path:
-    """A run folder -> its final/; a final/ folder as is; anything else is an error naming the path."""
-    folder = path / "final" if (path / "final" / MODEL_FILE).is_file() else path
-    if not ((folder / MODEL_FILE).is_file() and (folder / ADAPTER_FILE).is_file()):
-        raise ConfigError(f"'{path}' is not a trained image model: no {MODEL_FILE} + {ADAPTER_FILE} in it or "
-                          f"in its final/ (an unfinished run? resume it first)")
-    return folder
-
-
-def load_image_model(path, *, language_path: Optional[str] = None, device="cpu"):
-    """A trained image model -> (VisionLanguageModel in eval mode, tokenizer, meta dict of model.json).
-
-    `path`: an image_adapter run folder or its final/. The frozen LM comes from the recorded path unless
-    `language_path` is given (same shape required)."""
-    folder = find_model_folder(Path(path))
-    meta = json.loads((folder / MODEL_FILE).read_text())
-    run_dir = folder.parent
-    lm = Llama.from_pretrained(resolve_path(language_path) if language_path else _from_record(meta["language_model"], run_dir))
-    tokenizer = load_tokenizer(_from_record(meta["tokenizer"], run_dir))
-    config = VisionLanguageConfig.from_dict(meta["vision_language"])
-    with torch.device("meta"):
-        encoder = VisionEncoder(config.vision)
-    model = VisionLanguageModel(config, language_model=lm, vision_encoder=encoder.to_empty(device="cpu"))
-    weights = load_file(str(folder / ADAPTER_FILE))
-    expected = set(non_language_state(model))
-    if set(weights) != expected:
-        raise ConfigError(f"{folder / ADAPTER_FILE}: does not match {MODEL_FILE}: missing "
-                          f"{sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]}")
-    model.load_state_dict(weights, strict=False)
-    model.freeze_for_stage("frozen")
-    return model.to(device).eval(), tokenizer, meta
-

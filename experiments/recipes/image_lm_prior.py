@@ -75,7 +75,7 @@ def without_image(sample: dict, image_token_id: int) -> dict:
 
 def prior_pretrain(model, batch_at: Callable[[int, random.Random], dict], loss_fn, section: PriorPretrainSection,
                    log: Callable[[str], None] = print) -> dict:
-    """Train model.language_model (a `language.Llama` inside a VisionLanguageModel) for section.steps steps on
+    """Train model.language_model (a `language.Llama` inside a MultimodalModel) for section.steps steps on
     text-only batches; batch_at(step, rng) -> a collated batch without images. Leaves every LM parameter frozen
     and the LM in eval mode. Returns {"prior_loss_first", "prior_loss_last" (per-token loss, mean of the first /
     last 10 steps), "seconds"}."""

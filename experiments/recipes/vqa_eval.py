@@ -1,4 +1,5 @@
-"""VQA evaluation of a trained image model (an `image_adapter` run): greedy short answers, scored per question.
+"""VQA evaluation of a trained image model (a model folder with an image modality, e.g. an `image_adapter` run):
+greedy short answers, scored per question.
 
 Data (`data.format`): "scenes" (procedural scenes, held-out split by default, scored by exact match after the
 official VQA answer normalisation), "manifest" (a JSONL manifest with qa rows, same metric), or a benchmark
@@ -23,6 +24,7 @@ from typing import Literal, Optional
 import torch
 import yaml
 
+from adapters.model_folder import find_model_folder, load_model
 from training.distributed import is_rank0
 from training.precision import resolve_device
 from vision.tiling import TilingConfig
@@ -31,7 +33,7 @@ from vision.vqa_metrics import METRICS, normalize_vqa_answer
 
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath, build
-from .image_common import find_model_folder, load_image_model, resolve_path
+from .image_common import resolve_path
 from .image_data import (PromptFormat, PromptSection, ScenesSection, VQAItem, blank_image, item_image,
                          manifest_vqa_items, scene_vqa_items)
 
@@ -58,7 +60,8 @@ def answer_questions(model, fmt: PromptFormat, items: list[VQAItem], tiling: Til
         chunk = items[start:start + batch_size]
         prompts = [fmt.question_prompt(it.question, with_image=mode != "blind") for it in chunk]
         images = None if mode == "blind" else [[blank if blank is not None else item_image(it, tiling)] for it in chunk]
-        new = model.generate(prompts, images, max_new_tokens=max_new_tokens, stop_ids=fmt.stop_ids, pad_id=fmt.pad_id)
+        new = model.generate(prompts, images=images, max_new_tokens=max_new_tokens, stop_ids=fmt.stop_ids,
+                             pad_id=fmt.pad_id)
         answers += [fmt.answer_text(ids) for ids in new]
     return answers
 
@@ -141,9 +144,10 @@ class EvalData:
 class Config(RunConfig):
     recipe: str = "vqa_eval"
     model: ExistingPath = field(default="runs/quickstart_image/latest", metadata={
-        "help": "an image_adapter run folder (or its final/)"})
+        "help": "a model folder with an image modality, or a run folder holding one as final/ (image_adapter)"})
     language_path: Optional[str] = field(default=None, metadata={
-        "help": "evaluate with this LM instead of the recorded one (same shape; e.g. the instruct LM)"})
+        "help": "evaluate with this LM instead of the recorded one (same shape, not checked against the recorded "
+                "digest; e.g. the instruct LM)"})
     data: EvalData = field(default_factory=EvalData)
     metric: Optional[Literal["vqa_exact", "vqa", "anls", "relaxed", "exact"]] = field(default=None, metadata={
         "help": "null = vqa_exact for scenes/manifest, the benchmark's own metric otherwise"})
@@ -186,13 +190,17 @@ def run(cfg: Config, run_dir: Path) -> dict:
     t0 = time.time()
     device = resolve_device(cfg.device)
     folder = find_model_folder(Path(cfg.model))
-    model, tokenizer, meta = load_image_model(folder, language_path=cfg.language_path, device=device)
+    language_path = str(resolve_path(cfg.language_path, "language_path")) if cfg.language_path else None
+    loaded = load_model(folder, device=device, language_path=language_path, verify=language_path is None)
+    model, image = loaded.model, loaded.model.config.image
+    if image is None:
+        raise ConfigError(f"key 'model': the model in {folder} has no image modality")
     trained_yaml = folder.parent / "config.yaml"
     trained_cfg = yaml.safe_load(trained_yaml.read_text()) if trained_yaml.is_file() else {}
-    vision = model.config.vision
-    tiling = TilingConfig(tile_size=vision.image_size, max_tiles=vision.max_num_tiles, max_images=model.config.max_images)
-    fmt = PromptFormat(tokenizer, model.config.image_token_id, PromptSection(**meta["prompt"]),
-                       model.config.language.max_seq_len)
+    tiling = TilingConfig(tile_size=image.vision.image_size, max_tiles=image.vision.max_num_tiles,
+                          max_images=image.max_images)
+    prompt = PromptSection(**loaded.settings.get("image", {}).get("prompt", {}))
+    fmt = PromptFormat(loaded.tokenizer, model.tokens.image, prompt, model.config.language.max_seq_len)
     items, metric = eval_items(cfg, trained_cfg, tiling)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
     with autocast:

@@ -20,7 +20,7 @@ from adapters.cross_attention import default_positions
 from adapters.freezing import parameter_counts
 from adapters.image_tokens import ImageTextCollator
 from adapters.mllama_checkpoint import config_from_mllama, load_mllama
-from adapters.vision_language import VisionLanguageModel
+from adapters.multimodal import ImageInputs, MultimodalModel
 from language.checkpoints import CheckpointError
 from language.config import preset as llama_preset
 from vision.tiling import TiledImage, TilingConfig, aspect_ratio_id
@@ -77,8 +77,7 @@ def hf_logits(model, b):
 
 def our_logits(model, b):
     with torch.no_grad():
-        return model(b["tokens"], pixel_values=b["pixel_values"], aspect_ratio_ids=b["aspect_ratio_ids"],
-                     aspect_ratio_mask=b["aspect_ratio_mask"], cross_attention_mask=b["cross_attention_mask"])
+        return model(b["tokens"], images=ImageInputs.from_batch(b))
 
 
 def diff_per_sample(a, b, valid):
@@ -103,7 +102,7 @@ def test_logits_match_transformers(tmp_path, monkeypatch, cross_attention_layers
     b = batch(policy)
     valid = b["attention_mask"]
     ours = load_mllama(tmp_path)
-    assert ours.config.cross_attention_layers == [c - j for j, c in enumerate(cross_attention_layers)]
+    assert ours.config.image.positions(4) == [c - j for j, c in enumerate(cross_attention_layers)]
     compat = load_mllama(tmp_path, transformers_empty_rows=True)
     stock = hf_logits(hf, b)
     assert max(diff_per_sample(our_logits(compat, b), stock, valid)) <= 1e-4
@@ -125,7 +124,7 @@ def test_generation_matches_transformers(tmp_path):
     with torch.no_grad():
         ref = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **keep, max_new_tokens=6,
                           min_new_tokens=6, do_sample=False, pad_token_id=0)
-    new = ours.generate([prompt[0].tolist()], [[tiled((1, 1), 3)]], max_new_tokens=6)
+    new = ours.generate([prompt[0].tolist()], images=[[tiled((1, 1), 3)]], max_new_tokens=6)
     assert new[0] == ref[0, prompt.shape[1]:].tolist()
 
 
@@ -194,10 +193,11 @@ def test_llama32_11b_vision_config_maps_onto_the_paper_layout():
     config = config_from_mllama(raw, "config.json")
     expected = llama_preset("llama3-8b", max_seq_len=131072)
     assert config.language == expected  # the Llama 3.1 8B text model, as is
-    assert config.cross_attention_layers == default_positions(32, 4)
-    assert config.vision.output_dim == 7680 and config.image_token_policy == "most_recent"
+    assert config.image.positions(32) == default_positions(32, 4)
+    assert config.image.vision.output_dim == 7680 and config.image.token_policy == "most_recent"
+    assert config.special_tokens.image == 128256 and config.n_extra_tokens == 8
     with torch.device("meta"):
-        model = VisionLanguageModel(config)
+        model = MultimodalModel(config)
     counts = parameter_counts(model)
     total = sum(c["total"] for c in counts.values())
     assert 10.6e9 < total < 10.7e9  # "11B" (10.67B in the Hub's safetensors metadata)

@@ -44,6 +44,11 @@ def runs_of(root: Path, experiment: str) -> list[Path]:
     return sorted(p for p in (root / "runs" / experiment).glob("*") if not p.is_symlink())
 
 
+def folder_config(run: Path) -> dict:
+    """config.json of a run's model folder (final/)."""
+    return json.loads((run / "final" / "config.json").read_text())
+
+
 def losses(run: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
@@ -72,7 +77,7 @@ def test_clip_pretrain_writes_an_encoder_the_adapter_loads(chain):
     encoder = load_file(clip / "final" / "encoder.safetensors")
     assert "clip_projection.weight" in encoder and (clip / "final" / "vision_config.json").is_file()
     (run,) = runs_of(chain, "img")
-    assert json.loads((run / "model.json").read_text())["vision_source"] == str(clip.resolve())
+    assert folder_config(run)["settings"]["image"]["vision_source"] == str(clip.resolve())
     # the adapter model is built with the CLIP encoder's weights (tile embeddings and global layers fresh)
     from experiments.cli import resolve_config
     from experiments.recipes.image_adapter import build_model
@@ -86,7 +91,7 @@ def test_clip_pretrain_writes_an_encoder_the_adapter_loads(chain):
 def test_image_adapter_writes_everything_and_keeps_the_lm_frozen(chain):
     (run,) = runs_of(chain, "img")
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss_curve.png", "predictions.jsonl",
-                 "model.json", "final/adapter.safetensors", "final/model.json"):
+                 "final/adapters.safetensors", "final/config.json"):
         assert (run / name).is_file(), name
     assert (run.parent / "latest").resolve() == run.resolve()
     summary = json.loads((run / "summary.json").read_text())
@@ -97,13 +102,23 @@ def test_image_adapter_writes_everything_and_keeps_the_lm_frozen(chain):
     from experiments.recipes.image_adapter import weights_digest
 
     assert weights_digest(Llama.from_pretrained(run / "language_model")) == summary["language_model_sha256"]
-    weights = load_file(run / "final" / "adapter.safetensors")
+    weights = load_file(run / "final" / "adapters.safetensors")
     assert weights and not any(k.startswith("language_model.") for k in weights)
     assert any(k.startswith("cross_attention_layers.") for k in weights)
+    # the model folder: the run's random preset LM saved into it (the folder loads on its own), the recipe's
+    # settings, and the model as trained (the LM digest checked on load)
+    from adapters.model_folder import load_model
+    meta = folder_config(run)
+    assert meta["language_model"]["path"] == "language_model" and (run / "final" / "language_model").is_dir()
+    assert meta["model"]["special_tokens"]["image"] == meta["model"]["language"]["vocab_size"]
+    assert meta["settings"]["image"]["prompt"]["question_template"] == "{question}"
+    loaded = load_model(run)
+    assert weights_digest(loaded.model.language_model) == summary["language_model_sha256"]
+    assert all(torch.equal(v, weights[k]) for k, v in loaded.model.non_language_state().items())
     ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
     state = json.loads((ckpt / "state.json").read_text())
     assert state["extra_state"]["language_model"] == "run:language_model"  # the checkpoint records the frozen LM
-    assert not any(k.startswith("language_model.") for k in load_file(ckpt / "model.safetensors"))
+    assert not any("language_model." in k for k in load_file(ckpt / "model.safetensors"))
     rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert rows and {"image", "blind", "blank"} <= set(rows[0])
     # two evaluation splits: the first (valid, i.i.d.) at the top level, the compositional one nested
@@ -140,7 +155,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run(chain, tmp_path):
     assert main(["run", str(path), "resume=true"]) == 0
     (run,) = runs_of(tmp_path, "img")
     assert losses(run) == losses(full)
-    a, b = load_file(run / "final" / "adapter.safetensors"), load_file(full / "final" / "adapter.safetensors")
+    a, b = load_file(run / "final" / "adapters.safetensors"), load_file(full / "final" / "adapters.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -162,17 +177,25 @@ def test_next_stage_more_tiles_chat_format_and_hot_swapped_lm(chain, tmp_path):
         "data.scenes.image_size": 56, "steps": 2, "checkpoint_every": 2, "eval_every": 2, "eval.controls": ["blind"]})
     assert main(["run", str(write(tmp_path / "sft.yaml", cfg))]) == 0
     (run,) = runs_of(tmp_path, "sft")
-    meta = json.loads((run / "final" / "model.json").read_text())
-    assert meta["vision_language"]["vision"]["max_num_tiles"] == 2 and meta["init_from"] == str(first / "final")
-    assert meta["base_language_model"] == str((first / "language_model").resolve())
-    assert meta["language_model"] == str((tmp_path / "instruct").resolve())
+    meta = folder_config(run)
+    settings = meta["settings"]["image"]
+    assert meta["model"]["image"]["vision"]["max_num_tiles"] == 2 and settings["init_from"] == str(first / "final")
+    # the first stage's LM (saved into its model folder), hot-swapped for the instruct LM, recorded by its path
+    assert settings["base_language_model"] == str((first / "final" / "language_model").resolve())
+    assert meta["language_model"]["path"] == str((tmp_path / "instruct").resolve())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["language_model_sha256"] == weights_digest(instruct)  # trained around the swapped-in LM
-    before = load_file(first / "final" / "adapter.safetensors")
+    before = load_file(first / "final" / "adapters.safetensors")
     # layouts both encoders know keep their tile embeddings; the layouts of 2 tiles get fresh rows
-    new = load_file(run / "final" / "adapter.safetensors")
+    new = load_file(run / "final" / "adapters.safetensors")
     assert new["vision_model.pre_tile_positional_embedding.embedding.weight"].shape[1] == 2 * 32
     assert before["vision_model.patch_embedding.weight"].shape == new["vision_model.patch_embedding.weight"].shape
+    # model.vision.init_from reads the encoder of an image model folder (a run or its final/)
+    from experiments.recipes.image_common import read_encoder
+    config, state = read_encoder(first)
+    assert config.max_num_tiles == 1 and set(state) == {k.removeprefix("vision_model.") for k in before
+                                                        if k.startswith("vision_model.")}
+    assert torch.equal(state["patch_embedding.weight"], before["vision_model.patch_embedding.weight"])
 
 
 def test_vqa_eval_on_scenes_and_a_vqav2_file(chain, tmp_path):
@@ -285,7 +308,7 @@ def test_bad_config_is_one_clear_line(tmp_path, capsys, override, message):
 def test_vqa_eval_of_a_folder_that_is_no_model(tmp_path, capsys):
     cfg = {"experiment": "ev", "recipe": "vqa_eval", "output_dir": str(tmp_path / "runs"), "model": str(tmp_path)}
     assert main(["run", str(write(tmp_path / "ev.yaml", cfg))]) == 2
-    assert "is not a trained image model" in capsys.readouterr().err
+    assert "not a model folder" in capsys.readouterr().err
 
 
 def test_prompt_formats_label_only_answers():
@@ -370,7 +393,7 @@ def test_image_adapter_under_deepspeed_equals_torch(chain, tmp_path):
     (run,) = runs_of(tmp_path, "img")
     assert losses(run) == pytest.approx(losses(full), abs=1e-5)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["language_model_unchanged"] is True and (run / "final" / "adapter.safetensors").is_file()
+    assert summary["language_model_unchanged"] is True and (run / "final" / "adapters.safetensors").is_file()
 
 
 def test_two_ranks_train_on_halves_of_each_step(tmp_path, herd_two_ranks):

@@ -1,11 +1,14 @@
-"""The composed vision-language model around a frozen tiny Llama: exact equality with the LM while the gates
-are closed, exact zero for tokens that see no image, freezing and gradients, speech-style embeddings,
-ZeRO-3's always-run mode, and generation with cached image keys/values."""
+"""The composed model with an image modality around a frozen tiny Llama: exact equality with the LM while the gates
+are closed, exact zero for tokens that see no image, freezing and gradients, ZeRO-3's always-run mode, the summed
+loss at labelled positions, and generation with cached image keys/values."""
 import pytest
 import torch
+import torch.nn.functional as F
 
-from adapters.image_tokens import ImageTextCollator
-from adapters.vision_language import VisionLanguageConfig, VisionLanguageModel
+from adapters.image_tokens import IGNORE_INDEX, ImageBatchError, ImageTextCollator
+from adapters.multimodal import ImageInputs, MediaError, MultimodalModel
+from adapters.multimodal_config import ImageModality, MultimodalConfig
+from adapters.special_tokens import SpecialTokens
 from language.config import preset as llama_preset
 from language.generation import generate as generate_text
 from language.model import Llama
@@ -26,10 +29,11 @@ def tiled(layout=(1, 1), seed=0):
 def build(image_token=HF_IMAGE, **kw):
     torch.manual_seed(0)
     lm = Llama(llama_preset("tiny", vocab_size=VOCAB, n_layers=4, max_seq_len=64))
-    config = VisionLanguageConfig(language=lm.config, vision=vision_preset("tiny", n_layers=2, n_global_layers=1,
-                                                                            intermediate_layers=[0, 1]),
-                                  cross_attention_every=2, image_token_id=image_token, **kw)
-    return lm, VisionLanguageModel(config, language_model=lm)
+    image = ImageModality(vision=vision_preset("tiny", n_layers=2, n_global_layers=1, intermediate_layers=[0, 1]),
+                          cross_attention_every=2, **kw)
+    config = MultimodalConfig(language=lm.config, image=image,
+                              special_tokens=SpecialTokens.after_vocab(VOCAB, image=image_token))
+    return lm, MultimodalModel(config, language_model=lm)
 
 
 def open_gates(model, value=0.8):
@@ -41,17 +45,18 @@ def open_gates(model, value=0.8):
 
 def mixed_batch(image_token=HF_IMAGE):
     i = image_token
-    samples = [
-        {"tokens": [i, 1, 2, 3, i, 4, 5, 6], "images": [tiled((1, 2), 1), tiled((2, 2), 2)]},  # 2 images
-        {"tokens": [7, 8, 9, 10, 11]},  # text only
-        {"tokens": [1, 2, 3, i, 12, 13], "images": [tiled((1, 1), 3)]},  # text before the image
+    samples = [  # labels: which tokens are targets (the collator shifts them and drops <|image|>)
+        {"tokens": [i, 1, 2, 3, i, 4, 5, 6], "labels": [i, 1, 2, -100, i, 4, 5, 6],
+         "images": [tiled((1, 2), 1), tiled((2, 2), 2)]},  # 2 images
+        {"tokens": [7, 8, 9, 10, 11], "labels": [-100, 8, -100, 10, 11]},  # text only
+        {"tokens": [1, 2, 3, i, 12, 13], "labels": [1, 2, 3, i, 12, -100],
+         "images": [tiled((1, 1), 3)]},  # text before the image
     ]
     return ImageTextCollator(image_token_id=i, tiling=TilingConfig(tile_size=28, max_tiles=4, max_images=2))(samples)
 
 
 def run(model, batch, **kw):
-    return model(batch["tokens"], pixel_values=batch["pixel_values"], aspect_ratio_ids=batch["aspect_ratio_ids"],
-                 aspect_ratio_mask=batch["aspect_ratio_mask"], cross_attention_mask=batch["cross_attention_mask"], **kw)
+    return model(batch["tokens"], images=ImageInputs.from_batch(batch), **kw)
 
 
 def test_state_dict_keeps_the_language_model_names():
@@ -60,7 +65,8 @@ def test_state_dict_keeps_the_language_model_names():
     assert {f"language_model.{n}" for n in lm.state_dict()} <= names
     assert {"multi_modal_projector.weight", "extra_token_embeddings.weight",
             "cross_attention_layers.1.cross_attn.q_norm.weight", "vision_model.class_embedding"} <= names
-    assert model.config.cross_attention_layers == [1, 3]
+    assert model.config.image.positions(4) == [1, 3] and model.plan.positions["image"] == [1, 3]
+    assert model.tokens.image == HF_IMAGE
     # a language checkpoint (e.g. the instruct model) loads into `language_model` as is, and can be hot-swapped
     other = Llama(lm.config)
     model.language_model.load_state_dict(other.state_dict())
@@ -149,45 +155,52 @@ def test_always_run_encoder_on_text_only_batches():
     for name, p in model.named_parameters():  # every module ran, so every trainable parameter has a gradient
         if p.requires_grad and not name.startswith("extra_token_embeddings"):
             assert p.grad is not None, name
+    # run_encoder=False skips them (generation's decode steps), with the same logits
+    with torch.no_grad():
+        assert torch.equal(model(tokens, run_encoder=False), out)
 
 
-def test_extra_embeds_replace_placeholder_embeddings():
-    lm, model = build()
-    tokens = torch.tensor([[1, 2, 0, 0, 3], [4, 0, 5, 6, 7]])
-    where = tokens == 0
-    values = torch.randn(int(where.sum()), 64, requires_grad=True)
-    out = model(tokens, extra_embeds=(where, values))
-    embeds = lm.model.embed_tokens(tokens).detach().clone()
-    embeds[where] = values.detach()
-    assert torch.equal(out, lm(inputs_embeds=embeds))
-    assert torch.equal(model(inputs_embeds=embeds), out)
-    out.sum().backward()
-    assert values.grad is not None and values.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match=r"values must be \(3, 64\)"):
-        model(tokens, extra_embeds=(where, values[:2]))
-    with pytest.raises(ValueError, match="exactly one of tokens and inputs_embeds"):
-        model(tokens, inputs_embeds=embeds)
+def test_loss_sum_equals_the_cross_entropy_of_the_full_logits():
+    _, model = build()
+    open_gates(model)
+    batch = mixed_batch()
+    labels = batch["labels"]
+    images = ImageInputs.from_batch(batch)
+    loss, count = model.loss_sum(batch["tokens"], labels, images=images)
+    logits = model(batch["tokens"], images=images)
+    ref = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    assert int(count) == int((labels != IGNORE_INDEX).sum()) and loss.dtype == torch.float32
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-5)  # the LM head at labelled positions only: same sums
+    loss.backward()
+    assert model.multi_modal_projector.weight.grad.abs().sum() > 0
+    assert ImageInputs.from_batch(mixed_batch()) is not None
+    assert ImageInputs.from_batch({"tokens": batch["tokens"][1:2], "pixel_values": None}) is None
 
 
 def test_image_inputs_errors():
     _, model = build()
     batch = mixed_batch()
-    with pytest.raises(ValueError, match="need a cross_attention_mask"):
-        run(model, dict(batch, cross_attention_mask=None))
-    with pytest.raises(ValueError, match="does not fit"):
-        run(model, dict(batch, cross_attention_mask=batch["cross_attention_mask"][:, :3]))
-    with pytest.raises(ValueError, match="no pixel_values"):
-        model(batch["tokens"], cross_attention_mask=batch["cross_attention_mask"])
+    images = ImageInputs.from_batch(batch)
+    with pytest.raises(MediaError, match="need a cross_attention_mask"):
+        model(batch["tokens"], images=ImageInputs(None, images.pixel_values, images.aspect_ratio_ids,
+                                                  images.aspect_ratio_mask))
+    with pytest.raises(MediaError, match="does not fit"):
+        model(batch["tokens"], images=ImageInputs(images.cross_attention_mask[:, :3], images.pixel_values,
+                                                  images.aspect_ratio_ids, images.aspect_ratio_mask))
+    with pytest.raises(MediaError, match="need pixel_values"):
+        model(batch["tokens"], images=ImageInputs(images.cross_attention_mask))
+    with pytest.raises(MediaError, match="no images were given"):
+        model(batch["tokens"])
 
 
 def test_generation_with_cached_image_keys_equals_full_recompute():
-    _, model = build(image_token_policy="most_recent")
+    _, model = build(token_policy="most_recent")
     open_gates(model, 2.0)
     i = HF_IMAGE
     prompts = [[1, 2, i, 3, 4, i, 5], [6, 7, 8], [9, i, 10, 11]]
     images = [[tiled((1, 2), 1), tiled((1, 1), 2)], [], [tiled((2, 2), 3)]]
     model.train()
-    new = model.generate(prompts, images, max_new_tokens=6)
+    new = model.generate(prompts, images=images, max_new_tokens=6)
     assert [len(n) for n in new] == [6, 6, 6]
     assert model.training and not model.language_model.training  # modes restored after generation
     model.eval()
@@ -203,7 +216,10 @@ def test_generation_with_cached_image_keys_equals_full_recompute():
     # with the gates closed, generation is the language model's
     _, fresh = build()
     lm_only = generate_text(fresh.language_model, [[1, 2, 3], [6, 7, 8]], max_new_tokens=4)
-    with_image = fresh.generate([[1, 2, 3], [6, i, 8]], [[], [tiled()]], max_new_tokens=4)
+    with_image = fresh.generate([[1, 2, 3], [6, i, 8]], images=[[], [tiled()]], max_new_tokens=4)
     assert with_image[0] == lm_only[0]
-    with pytest.raises(ValueError, match=r"prompt 1: 1 <\|image\|> token\(s\).*but 0 image"):
-        model.generate([[1, 2], [i, 3]], [[], []], max_new_tokens=2)
+    assert fresh.generate([[1, 2, 3], [6, 7, 8]], max_new_tokens=4) == lm_only  # no images at all
+    with pytest.raises(ImageBatchError, match=r"prompt 1: 1 <\|image\|> token\(s\).*but 0 image"):
+        model.generate([[1, 2], [i, 3]], images=[[], []], max_new_tokens=2)
+    with pytest.raises(MediaError, match=r"prompt 1 holds 1 <\|image\|> token\(s\) but no images were given"):
+        model.generate([[1, 2], [i, 3]], max_new_tokens=2)
