@@ -194,6 +194,42 @@ def load_model(path, *, device="cpu", language_path: Optional[str] = None, verif
     return LoadedModel(model.to(device).eval(), tokenizer, meta)
 
 
+@dataclass
+class BaseLanguage:
+    """A frozen LM named by a path: a checkpoint, or a model folder (e.g. a base stage's) whose LM it reads, with
+    that folder's tokenizer, trained special-token rows (extra_tokens (n_extra, dim), None for a checkpoint)
+    and settings. checkpoint: where the LM's weights are (what a model folder trained on it records)."""
+    model: Llama
+    checkpoint: Path
+    tokenizer: Optional[Path] = None
+    extra_tokens: Optional[torch.Tensor] = None
+    settings: dict = field(default_factory=dict)
+
+
+def language_checkpoint(path) -> Path:
+    """Where the LM a path names lies: a model folder's recorded LM, or the path itself (a checkpoint)."""
+    path = Path(path)
+    return _resolve(path, read_meta(path)["language_model"]["path"]) if is_model_folder(path) else path
+
+
+def load_language(path) -> BaseLanguage:
+    """The LM of a checkpoint path or of a model folder (its digest checked)."""
+    path = Path(path)
+    if not is_model_folder(path):
+        return BaseLanguage(Llama.from_pretrained(path), path)
+    meta = read_meta(path)
+    checkpoint = language_checkpoint(path)
+    if not checkpoint.exists():
+        raise ModelFolderError(f"{path}: its base language model {checkpoint} is missing")
+    lm = Llama.from_pretrained(checkpoint)
+    found, recorded = language_digest(lm), meta["language_model"].get("sha256")
+    if found != recorded:
+        raise ModelFolderError(f"{path}: the language model at {checkpoint} (sha256 {found[:12]}) is not the one the "
+                               f"folder records (sha256 {str(recorded)[:12]})")
+    extra = load_file(str(path / WEIGHTS_FILE)).get("extra_token_embeddings.weight")
+    return BaseLanguage(lm, checkpoint, _resolve(path, meta["tokenizer"]), extra, meta.get("settings", {}))
+
+
 def compose(sources: Sequence, out) -> Path:
     """One model folder holding every modality of `sources` (model folders trained on the same base LM; each
     modality from one source). Different base LMs are refused with one line naming both."""

@@ -76,7 +76,8 @@ class ImageInputs:
 class SpeechInputs:
     """The utterances of a batch, in reading order over its audio spans: log-mel features (U, F, n_mels) with
     frame lengths (U,) (`MultimodalModel.speech_features` makes them from waveforms), or adapter outputs
-    `embeddings` (U, L, dim) with lengths (U,) computed earlier."""
+    `embeddings` (U, L, dim) with lengths (U,) computed earlier (these need no speech encoder: a text-only
+    model's base stage trains its LM on token embeddings placed in audio spans)."""
     features: Optional[torch.Tensor] = None
     lengths: Optional[torch.Tensor] = None
     embeddings: Optional[torch.Tensor] = None
@@ -192,7 +193,7 @@ class MultimodalModel(nn.Module):
         return SpeechInputs(features, frame_lengths)
 
     def encode_speech(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (U, F, n_mels) + lengths (U,) -> adapter outputs (U, L, dim) + lengths (U,) (one per placeholder)."""
+        """features (U, F, n_mels) + lengths (U,) -> adapter outputs (U, L, dim) + lengths (U,), one per placeholder."""
         self._need("speech")
         states, state_lengths = self.speech_encoder(features.to(self.speech_encoder.stacker.proj.weight.dtype), lengths)
         return self.speech_adapter(states, state_lengths)
@@ -206,12 +207,13 @@ class MultimodalModel(nn.Module):
     def _speech_values(self, tokens: torch.Tensor, speech: SpeechInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(where (B, T) bool at the placeholders, values (N, dim)) for a batch's speech."""
         if speech.embeddings is None:
+            self._need("speech")
             if speech.features is None or speech.lengths is None:
                 raise MediaError("SpeechInputs need features + lengths or embeddings + embedding_lengths")
             embeddings, lengths = self.encode_speech(speech.features, speech.lengths)
         else:
             embeddings, lengths = speech.embeddings, speech.embedding_lengths
-        amplitude = self.config.speech.adapter.span_position
+        amplitude = self.config.speech.adapter.span_position if self.config.speech is not None else 0.0
         if amplitude > 0:
             code = span_position_code(embeddings.shape[1], embeddings.shape[-1], device=embeddings.device)
             embeddings = embeddings + (amplitude * self._embedding_std() * code).to(embeddings.dtype)
@@ -241,12 +243,11 @@ class MultimodalModel(nn.Module):
                 out, _ = self.encode_speech(dummy, torch.tensor([16], device=h.device))
                 h = h + 0.0 * out.sum().to(h.dtype)  # every module runs (ZeRO-3); adds exactly 0
             return h
-        self._need("speech")
         where, values = self._speech_values(tokens, speech)
         return h.masked_scatter(where[..., None], values.to(h.dtype))
 
-    def _check_known_ids(self, tokens: torch.Tensor) -> None:
-        for name in ("audio_start", "audio", "audio_end", "image", "video"):
+    def _check_known_ids(self, tokens: torch.Tensor, audio: bool = False) -> None:
+        for name in ("image", "video") + (() if audio else ("audio_start", "audio", "audio_end")):
             modality = "speech" if name.startswith("audio") else name
             if getattr(self.config, modality, None) is None and bool((tokens == getattr(self.tokens, name)).any()):
                 b = int((tokens == getattr(self.tokens, name)).nonzero()[0, 0])
@@ -325,11 +326,11 @@ class MultimodalModel(nn.Module):
         if images is not None and self.vision_model is None:
             raise MediaError(f"images given to a model without an image modality (it has: "
                              f"{', '.join(self.config.modalities) or 'text only'})")
-        if speech is not None and self.speech_encoder is None:
+        if speech is not None and speech.embeddings is None and self.speech_encoder is None:
             raise MediaError(f"speech given to a model without a speech modality (it has: "
                              f"{', '.join(self.config.modalities) or 'text only'})")
         if bool((tokens >= self.tokens.vocab_size).any()):
-            self._check_known_ids(tokens)
+            self._check_known_ids(tokens, audio=speech is not None)
         h = self.input_embeddings(tokens, speech, run_encoder)
         batch, length = h.shape[:2]
         cross = self._cross_attention(images, tokens, batch, length, run_encoder)

@@ -18,6 +18,7 @@ RECIPES = {
     "rejection_sampling": "experiments.recipes.rejection_sampling",
     "posttrain_demo": "experiments.recipes.posttrain_demo",
     "clip_pretrain": "experiments.recipes.clip_pretrain",
+    "base_lm": "experiments.recipes.base_lm",
     "image_adapter": "experiments.recipes.image_adapter",
     "vqa_eval": "experiments.recipes.vqa_eval",
     "bestrq_pretrain": "experiments.recipes.bestrq_pretrain",

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from adapters.freezing import STAGES, stage_policy
+from adapters.model_folder import load_language
 from adapters.model_folder import WEIGHTS_FILE, ModelFolderError, is_model_folder, read_meta
 from adapters.multimodal_config import ImageModality, MultimodalConfig
 from adapters.special_tokens import SpecialTokens
@@ -69,8 +70,8 @@ def _check_path(value: Optional[str], key: str) -> None:
 @dataclass
 class LanguageSection:
     path: Optional[str] = field(default=None, metadata={
-        "help": "frozen LM: HF folder, GGUF file, Meta folder, a text run's final/ or pkg:<module>/<file>; "
-                "null = `preset` with random weights (saved into the run)"})
+        "help": "frozen LM: HF folder, GGUF file, Meta folder, a text run's final/, a model folder (its LM, e.g. a "
+                "base_lm run) or pkg:<module>/<file>; null = `preset` with random weights (saved into the run)"})
     preset: str = field(default="tiny", metadata={"help": "language/config.py preset when path is null"})
     dim: Optional[int] = field(default=None, metadata={"range": (8, None)})
     n_layers: Optional[int] = field(default=None, metadata={"range": (1, None)})
@@ -180,10 +181,11 @@ def build_language(section: LanguageSection, run_dir: Path, texts, seed: int):
     weights (seeded) saved to run_dir/language_model together with its tokenizer (an HF folder that loads on its
     own); a missing tokenizer is trained on `texts()` into run_dir/tokenizer. Both are reused on resume."""
     tok_dir, lm_dir = run_dir / "tokenizer", run_dir / "language_model"
+    base = load_language(resolve_path(section.path, "model.language.path")) if section.path else None
     if section.tokenizer:
         tok_path = section.tokenizer
-    elif section.path:
-        tok_path = section.path
+    elif base is not None:
+        tok_path = str(base.tokenizer or base.checkpoint)
     else:
         if is_rank0() and not (tok_dir / "tokenizer.json").is_file():  # under several ranks: rank 0 trains it
             tok_dir.mkdir(parents=True, exist_ok=True)
@@ -194,9 +196,8 @@ def build_language(section: LanguageSection, run_dir: Path, texts, seed: int):
         barrier()
         tok_path = str(tok_dir)
     tokenizer = load_tokenizer(resolve_path(tok_path, "model.language.tokenizer"))
-    if section.path:
-        lm_path = section.path
-        lm = Llama.from_pretrained(resolve_path(lm_path, "model.language.path"))
+    if base is not None:  # a checkpoint, or a model folder's LM (e.g. a base stage's: base_lm.py)
+        lm_path, lm = str(base.checkpoint), base.model
     elif broadcast_object((lm_dir / "config.json").is_file() if is_rank0() else None):  # rank 0's view, before it writes
         lm_path, lm = str(lm_dir), Llama.from_pretrained(lm_dir)
     else:

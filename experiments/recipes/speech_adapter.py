@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from safetensors.torch import load_file, save_file
 
-from adapters.model_folder import LoadedModel, save_model
+from adapters.model_folder import BaseLanguage, LoadedModel, language_checkpoint, load_language, save_model
 from adapters.multimodal import MultimodalModel, SpeechInputs
 from adapters.multimodal_config import MultimodalConfig, SpeechModality
 from adapters.speech_adapter import preset as adapter_preset
@@ -58,7 +58,9 @@ from .speech_lm_copy import CopyPretrainSection, copy_pretrain
 
 @dataclass
 class LanguageModelSection:
-    path: Optional[ExistingPath] = field(default=None, metadata={"help": "HF folder, GGUF file or a run's final/"})
+    path: Optional[ExistingPath] = field(default=None, metadata={
+        "help": "HF folder, GGUF file, a run's final/, or a model folder (its LM and trained audio markers, e.g. a "
+                "base_lm run)"})
     preset: Optional[str] = field(default=None, metadata={"help": "random-init frozen LM of this preset instead"})
     tokenizer: Optional[ExistingPath] = field(default=None, metadata={"help": "default: the LM path"})
     seed: int = field(default=0, metadata={"help": "init seed of a preset LM"})
@@ -272,13 +274,16 @@ def _prepare_data(cfg: Config) -> None:
 # Model
 
 
-def load_language_model(section: LanguageModelSection) -> tuple[Llama, object]:
-    """The frozen LM (a checkpoint, or a seeded random preset) and its tokenizer."""
-    tokenizer = load_tokenizer(section.tokenizer or section.path)
+def load_language_model(section: LanguageModelSection) -> tuple[Llama, object, Optional[BaseLanguage]]:
+    """The frozen LM (a checkpoint, a model folder's LM, or a seeded random preset), its tokenizer, and what a
+    path gave (`adapters.model_folder.BaseLanguage`: a base stage's trained audio marker rows and settings)."""
     if section.path is not None:
-        return Llama.from_pretrained(section.path), tokenizer
+        base = load_language(section.path)
+        tokenizer = load_tokenizer(section.tokenizer or base.tokenizer or base.checkpoint)
+        return base.model, tokenizer, base
+    tokenizer = load_tokenizer(section.tokenizer)
     return random_language_model(section.preset, tokenizer.vocab_size, section.seed, section.init_std,
-                                 dict(section.overrides)), tokenizer
+                                 dict(section.overrides)), tokenizer, None
 
 
 def random_language_model(preset: str, vocab_size: int, seed: int = 0, init_std: Optional[float] = None,
@@ -294,9 +299,25 @@ def random_language_model(preset: str, vocab_size: int, seed: int = 0, init_std:
     return model
 
 
+def _markers_from_base(model: MultimodalModel, base: BaseLanguage, span_position: float) -> None:
+    """The audio start / end rows a base stage trained with its LM (base_lm.py), so the LM sees the markers it
+    learned to copy between; the base's span position code must be this adapter's."""
+    trained = base.settings.get("base", {}).get("span_position")
+    if trained is not None and float(trained) != span_position:
+        raise ConfigError(f"adapter.span_position {span_position} differs from the {trained} the base LM "
+                          f"({base.checkpoint}) was trained with")
+    tokens = model.tokens
+    with torch.no_grad():
+        for name in ("audio_start", "audio_end"):
+            row = getattr(tokens, name) - tokens.vocab_size
+            if row >= base.extra_tokens.shape[0]:
+                raise ConfigError(f"language_model.path: the base's special tokens do not include <|{name}|>")
+            model.extra_token_embeddings.weight[row] = base.extra_tokens[row]
+
+
 def build(cfg: Config):
     """(model, tokenizer, prompter) for a config; the LM is frozen."""
-    lm, tokenizer = load_language_model(cfg.language_model)
+    lm, tokenizer, base = load_language_model(cfg.language_model)
     encoder_config, encoder_weights, stats = load_encoder_init(cfg.encoder)
     if cfg.features.normalization == "global" and stats is None:
         raise ConfigError("features.normalization=global needs the statistics of a BEST-RQ encoder.init_from "
@@ -312,6 +333,8 @@ def build(cfg: Config):
     model = MultimodalModel(config, language_model=lm, speech_frontend=LogMelFrontend(cfg.features, stats))
     if encoder_weights is not None:
         model.speech_encoder.load_state_dict(encoder_weights)
+    if base is not None and base.extra_tokens is not None:
+        _markers_from_base(model, base, adapter_config.span_position)
     model.freeze_for_stage("adapter_pretrain" if cfg.train_encoder else "adapters_only")
     prompter = SpeechPrompter(chat_format_for(tokenizer), model.tokens.audio_tokens, cfg.task)
     return model, tokenizer, prompter
@@ -426,7 +449,8 @@ def _finish(cfg, engine, trainer, tokenizer, evaluate, eval_sets, notes, train_s
     summary["final_eval_seconds"] = round(eval_seconds, 1)
     lm = cfg.language_model
     as_loaded = lm.path is not None and lm.copy_pretrain.steps == 0  # else the folder holds the LM (random, trained)
-    save_model(model, run_dir / "final", tokenizer=tokenizer, language_path=str(lm.path) if as_loaded else None,
+    save_model(model, run_dir / "final", tokenizer=tokenizer,
+               language_path=str(language_checkpoint(lm.path)) if as_loaded else None,
                tokenizer_path=str(lm.tokenizer or lm.path), settings={"speech": {"task": cfg.task}})
     (run_dir / "final" / "herd_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")

@@ -142,7 +142,8 @@ def test_a_mixed_batch_equals_each_sample_alone():
         {"tokens": [1, t.image, 4, 5], "images": [tiled((1, 1), 2)]},
     ]
     batch = collate(model, samples)
-    out = model(batch["tokens"], images=ImageInputs.from_batch(batch), speech=speech, attention_mask=batch["attention_mask"])
+    out = model(batch["tokens"], images=ImageInputs.from_batch(batch), speech=speech,
+                attention_mask=batch["attention_mask"])
     which = {0: 0, 2: 1}
     for b, sample in enumerate(samples):
         alone = collate(model, [sample])

@@ -1,0 +1,109 @@
+"""One base LM under every adapter, CI-sized: the base_lm stage trains one LM on the image questions' text and the
+copy task together (both held-out losses fall); an image_adapter run and a speech_adapter run both freeze it;
+`herd compose` joins their folders into one model holding both modalities (same base LM digest); a speech run
+whose span position code differs from the base's is refused in one line."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from adapters import ImageInputs, ImageTextCollator, load_model
+from adapters.speech_inputs import audio_span
+from experiments.cli import main
+from speech.espeak import Voice
+from speech.synthetic import SynthItem, write_dataset
+from vision.tiling import TiledImage, TilingConfig, aspect_ratio_id
+
+WORDS = ("one", "two", "three", "open the door")
+
+
+def write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("base")
+    rng = random.Random(0)
+    for split, n, voices in (("train", 16, ["en-us+m1", "en+f4"]), ("test", 4, ["en+f3"])):
+        items = [SynthItem(f"{split}{i}", WORDS[i % len(WORDS)], "en",
+                           Voice(*rng.choice(voices).split("+"), rate=170, pitch=50)) for i in range(n)]
+        write_dataset(items, root, split, progress=lambda _: None)
+    runs = root / "runs"
+    base = {"experiment": "base", "recipe": "base_lm", "seed": 0, "output_dir": str(runs),
+            "language": {"preset": "tiny", "dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64,
+                         "tokenizer_vocab_size": 300},
+            "image_text": {"batch_size": 4, "prompt": {"question_template": "{question}"},
+                           "data": {"scenes": {"image_size": 28}, "qa_per_sample": 2}},
+            "copy": {"batch_size": 4, "train": str(root / "train.jsonl"), "valid": str(root / "test.jsonl")},
+            "steps": 30, "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 2}, "eval_examples": 8,
+            "eval_every": 15, "checkpoint_every": 15}
+    assert main(["run", str(write(root / "base.yaml", base))]) == 0
+    base_final = str(runs / "base" / "latest" / "final")
+    image = {"experiment": "img", "recipe": "image_adapter", "seed": 0, "output_dir": str(runs),
+             "model": {"language": {"path": base_final},
+                       "vision": {"preset": "tiny", "image_size": 28, "patch_size": 14, "max_num_tiles": 1,
+                                  "patch_padding_multiple": 1}, "cross_attention_every": 1},
+             "prompt": {"question_template": "{question}"},
+             "data": {"scenes": {"image_size": 28, "eval_scenes": 3}, "qa_per_sample": 2},
+             "steps": 3, "batch_size": 4, "schedule": {"warmup_steps": 1}, "checkpoint_every": 3, "eval_every": 3,
+             "eval": {"questions": 4, "loss_batches": 1, "max_new_tokens": 2, "batch_size": 8}}
+    assert main(["run", str(write(root / "image.yaml", image))]) == 0
+    speech = {"experiment": "asr", "recipe": "speech_adapter", "task": "asr", "seed": 0, "output_dir": str(runs),
+              "language_model": {"path": base_final},
+              "encoder": {"preset": "tiny", "dim": 32, "n_layers": 1, "n_heads": 2, "ffn_dim": 64},
+              "adapter": {"preset": "tiny", "dim": 32, "n_heads": 2, "ffn_dim": 64},
+              "data": {"train": str(root / "train.jsonl"), "eval": [{"manifest": str(root / "test.jsonl"),
+                                                                     "name": "heldout"}]},
+              "steps": 3, "batch_size": 4, "schedule": {"warmup_steps": 1}, "eval_every": 3, "eval_utterances": 2,
+              "checkpoint_every": 3, "max_new_tokens": 3}
+    assert main(["run", str(write(root / "speech.yaml", speech))]) == 0
+    return root, speech
+
+
+def test_the_base_stage_learns_both_text_tasks(chain):
+    root, _ = chain
+    summary = json.loads((root / "runs" / "base" / "latest" / "summary.json").read_text())
+    assert summary["eval_image_text_loss"] < 0.8 * summary["eval_image_text_loss_before"]
+    assert summary["eval_copy_loss"] < 0.8 * summary["eval_copy_loss_before"]
+    meta = json.loads((root / "runs" / "base" / "latest" / "final" / "config.json").read_text())
+    assert meta["model"]["image"] is None and meta["model"]["speech"] is None
+    assert meta["language_model"]["path"] == "language_model"  # the trained LM lives in the folder
+
+
+@torch.no_grad()
+def test_image_and_speech_adapters_on_the_base_compose_into_one_model(chain):
+    root, _ = chain
+    runs = root / "runs"
+    base = json.loads((runs / "base" / "latest" / "final" / "config.json").read_text())
+    digests = {json.loads((runs / e / "latest" / "final" / "config.json").read_text())["language_model"]["sha256"]
+               for e in ("img", "asr")}
+    assert digests == {base["language_model"]["sha256"]}
+    both = root / "both"
+    assert main(["compose", str(both), str(runs / "img" / "latest"), str(runs / "asr" / "latest")]) == 0
+    loaded = load_model(both)
+    model = loaded.model
+    assert model.config.modalities == ["image", "speech"]
+    speech_alone = load_model(runs / "asr" / "latest").model
+    wave = torch.randn(1, 8000, generator=torch.Generator().manual_seed(0)) * 0.1
+    sp = model.speech_features(wave)
+    tokens = torch.tensor([[1, 2] + audio_span(model.placeholder_count(int(sp.lengths[0])), model.tokens.audio_tokens)])
+    assert torch.equal(model(tokens, speech=sp), speech_alone(tokens, speech=sp))
+    image_alone = load_model(runs / "img" / "latest").model
+    tiles = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    image = TiledImage(tiles, (1, 1), aspect_ratio_id((1, 1), 1), (28, 28), (28, 28))
+    collate = ImageTextCollator(model.tokens.image, TilingConfig(tile_size=28, max_tiles=1, max_images=1))
+    batch = collate([{"tokens": [1, model.tokens.image, 5, 6], "images": [image]}])
+    assert torch.equal(model(batch["tokens"], images=ImageInputs.from_batch(batch)),
+                       image_alone(batch["tokens"], images=ImageInputs.from_batch(batch)))
+
+
+def test_a_speech_adapter_with_another_span_code_than_the_base_is_refused(chain, tmp_path, capsys):
+    _, speech = chain
+    cfg = {**speech, "output_dir": str(tmp_path), "adapter": {**speech["adapter"], "span_position": 3.0}}
+    assert main(["run", str(write(tmp_path / "s.yaml", cfg))]) == 2
+    assert "span_position 3.0 differs from the 0.0 the base LM" in capsys.readouterr().err
