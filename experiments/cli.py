@@ -70,9 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="speech: where the Asterisk .deb files are kept (fetched with apt-get download if missing)")
     prep.add_argument("--workers", type=int, default=2, help="speech: synthesis processes")
     prep.add_argument("--no-fetch", action="store_true", help="speech: never run apt-get download")
-    prep.add_argument("--sets", nargs="+", default=["espeak"], choices=["espeak", "sentences", "ast"],
+    prep.add_argument("--sets", nargs="+", default=["espeak"], choices=["espeak", "sentences", "ast", "questions"],
                       help="speech: espeak sets to synthesise: espeak (digits + commands, the quickstart's), sentences "
-                           "(corpus sentences, asr_smollm2.yaml; needs data/text), ast (Spanish -> English, ast.yaml)")
+                           "(corpus sentences, asr_smollm2.yaml; needs data/text), ast (Spanish -> English, "
+                           "ast.yaml), questions (the image quickstart's scene questions, experiments/multimodal/)")
     prep.add_argument("--corpus-dir", default="data/text", help="speech: the text corpus the sentence set reads")
     prep.add_argument("--train-size", type=int, default=None,
                       help="speech: espeak training utterances (default 4000); images: training scenes (default 5000)")

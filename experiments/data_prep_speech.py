@@ -16,12 +16,16 @@ Writes
   <out>/espeak_ast/...        Spanish speech of templated sentences with their English translations (Spanish
       voices; test_heldout also on sentences no training row has: speech.synthetic.heldout_sentence);
       experiments/speech/ast.yaml
+  <out>/espeak_questions/...  the image quickstart's scene questions spoken (test_heldout: questions of held-out
+      scenes on held-out voices), and train_mixed.jsonl = the espeak set's train + these (experiments/multimodal/)
 Each part leaves a `.done` file holding its settings; a second run with the same settings does nothing,
 with other settings that part is rebuilt from scratch.
 """
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
 import sys
 import time
@@ -30,13 +34,19 @@ from pathlib import Path
 from typing import Callable
 
 from speech.asterisk import AsteriskError, find_packages, prepare_asterisk
-from speech.synthetic import (ast_items, digit_and_command_items, english_voices, load_corpus_sentences, sentence_items,
+from speech.synthetic import (SynthItem, ast_items, digit_and_command_items, english_voices, load_corpus_sentences, sentence_items,
                               spanish_voices, split_voices, write_dataset)
 
 
 ESPEAK_SETS = {"espeak": "digit strings and short commands", "sentences": "corpus sentences (open vocabulary)",
-               "ast": "Spanish speech -> English text"}
-SET_FOLDERS = {"espeak": "espeak", "sentences": "espeak_sentences", "ast": "espeak_ast"}
+               "ast": "Spanish speech -> English text",
+               "questions": "the image quickstart's scene questions (+ train_mixed.jsonl: with the espeak set's "
+                            "train)"}
+SET_FOLDERS = {"espeak": "espeak", "sentences": "espeak_sentences", "ast": "espeak_ast",
+               "questions": "espeak_questions"}
+# The scenes of experiments/image/quickstart.yaml, whose questions the "questions" set speaks.
+QUESTION_SCENES = dict(image_size=84, max_objects=2, p_word=0.0, p_digit=0.0,
+                       qa_types=["color", "shape", "count", "position", "yesno"])
 
 
 @dataclass
@@ -75,6 +85,10 @@ def _set_items(kind: str, cfg: EspeakSetConfig, corpus_dir: Path) -> tuple[dict,
         def make(n, voice_list, seed, prefix):
             return ast_items(n, voice_list, seed, prefix, sentences="heldout" if prefix == "test" else "seen")
         settings["sentences"] = "test_heldout holds the held-out sentences"
+    elif kind == "questions":  # train / valid: questions of training scenes; test_heldout: of held-out scenes
+        def make(n, voice_list, seed, prefix):
+            return scene_question_items(n, voice_list, seed, prefix)
+        settings["scenes"] = QUESTION_SCENES
     else:
         texts = {}
         for split, file in (("train", "train.jsonl"), ("test", "val.jsonl")):
@@ -93,6 +107,40 @@ def _set_items(kind: str, cfg: EspeakSetConfig, corpus_dir: Path) -> tuple[dict,
              "valid": make(cfg.valid_size, train_voices, cfg.seed + 1, "valid"),
              "test_heldout": make(cfg.test_size, test_voices, cfg.seed + 2, "test")}
     return items, {"settings": settings, "voices": {"train": train_voices, "test_heldout": test_voices}}
+
+
+def scene_question_items(n: int, voices, seed: int, prefix: str) -> list[SynthItem]:
+    """n questions of procedural scenes (QUESTION_SCENES), each on a random voice: split "train" scenes for the
+    train / valid items, "heldout" scenes (colour-shape pairs training never shows) for test items."""
+    from experiments.recipes.image_data import ScenesSection
+    from speech.synthetic import voice_for
+    from vision.scenes import generate_scene
+    config = ScenesSection(**QUESTION_SCENES).scene_config()
+    split = "heldout" if prefix == "test" else "train"
+    rng, items, index = random.Random(seed), [], seed * 100_000
+    while len(items) < n:
+        scene = generate_scene(index, split, 0, config)
+        index += 1
+        qa = [q for q in scene.qa if q.type in QUESTION_SCENES["qa_types"]]
+        text = rng.choice(qa).question
+        items.append(SynthItem(f"{prefix}{len(items):06d}", text, "en", voice_for(rng.choice(voices), rng)))
+    return items
+
+
+def mix_manifests(out: Path, manifests: list[Path]) -> Path:
+    """One manifest of the rows of several, audio paths rewritten relative to `out`'s folder, ids prefixed with
+    their set's folder name (sets number their rows alike)."""
+    rows = []
+    for manifest in manifests:
+        for line in manifest.read_text().splitlines():
+            row = json.loads(line)
+            row["audio"] = os.path.relpath((manifest.parent / row["audio"]).resolve(), out.parent.resolve())
+            row["id"] = f"{manifest.parent.name}/{row['id']}"
+            rows.append(json.dumps(row))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(rows) + "\n")
+    os.replace(tmp, out)
+    return out
 
 
 def prepare_espeak_set(out_dir: Path, config: EspeakSetConfig | None = None, workers: int = 2,
@@ -167,4 +215,8 @@ def prepare_speech(out_dir: Path = Path("data/speech"), downloads_dir: Path = Pa
         parts.append(prepare_asterisk_set(out_dir / "asterisk", downloads_dir, fetch, say))
     for kind in sets:
         parts.append(prepare_espeak_set(out_dir / SET_FOLDERS[kind], espeak, workers, say, kind, corpus_dir))
+        base = out_dir / SET_FOLDERS["espeak"] / "train.jsonl"
+        if kind == "questions" and base.is_file():  # one training manifest: commands and digits + questions
+            folder = out_dir / SET_FOLDERS[kind]
+            mix_manifests(folder / "train_mixed.jsonl", [base, folder / "train.jsonl"])
     return "; ".join(parts)

@@ -263,6 +263,17 @@ class PromptFormat:
         ids = self._start()[0] if with_image else [i for i in self._start()[0] if i != self.image_token_id]
         return ids + self.tokenizer.encode(self.prompt.question_template.format(question=question))
 
+    def spoken_question_prompt(self, audio_span: list[int], with_image: bool = True) -> list[int]:
+        """`question_prompt` with the question spoken: the audio span (adapters.speech_inputs.audio_span) where
+        the question's text would be (plain style)."""
+        if self.chat is not None:
+            raise DataError("spoken questions need prompt.style=plain (the question template's {question} is "
+                            "where the audio goes)")
+        before, _, after = self.prompt.question_template.partition("{question}")
+        ids = self._start()[0] if with_image else [i for i in self._start()[0] if i != self.image_token_id]
+        return (ids + (self.tokenizer.encode(before.rstrip()) if before.strip() else []) + list(audio_span)
+                + (self.tokenizer.encode(after) if after.strip() else []))
+
     def answer_text(self, new_ids: list[int]) -> str:
         """Generated ids -> the answer: decoded, first line, stripped."""
         text = self.tokenizer.decode([i for i in new_ids if i < self.tokenizer.vocab_size], skip_special=True)

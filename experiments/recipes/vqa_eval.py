@@ -14,6 +14,7 @@ prediction and its score) and the summary (accuracy overall and per question typ
 from __future__ import annotations
 
 import json
+import random
 import time
 from contextlib import nullcontext
 from collections import defaultdict
@@ -25,6 +26,7 @@ import torch
 import yaml
 
 from adapters.model_folder import find_model_folder, load_model
+from adapters.speech_inputs import audio_span
 from training.distributed import is_rank0
 from training.precision import resolve_device
 from vision.tiling import TilingConfig
@@ -37,7 +39,8 @@ from .image_common import resolve_path
 from .image_data import (PromptFormat, PromptSection, ScenesSection, VQAItem, blank_image, item_image,
                          manifest_vqa_items, scene_vqa_items)
 
-MODES = ("image", "blind", "blank")
+MODES = ("image", "blind", "blank", "spoken")
+SPOKEN_SEED = 0  # which held-out voice (and rate, pitch) speaks each question
 
 
 def vqa_exact(prediction: str, answers) -> float:
@@ -51,19 +54,46 @@ SCORERS = dict(METRICS, vqa_exact=vqa_exact)
 
 def answer_questions(model, fmt: PromptFormat, items: list[VQAItem], tiling: TilingConfig, *, mode: str = "image",
                      batch_size: int = 32, max_new_tokens: int = 5) -> list[str]:
-    """Greedy answers to `items`: with their image (`image`), without image (`blind`) or with a blank one."""
+    """Greedy answers to `items`: with their image (`image`), without image (`blind`), with a blank one, or with
+    their image and the question spoken instead of typed (`spoken`: held-out espeak voices, `spoken_questions`)."""
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; known: {MODES}")
     blank = blank_image(tiling) if mode == "blank" else None
     answers = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        prompts = [fmt.question_prompt(it.question, with_image=mode != "blind") for it in chunk]
+        speech = None
+        if mode == "spoken":
+            waves = spoken_questions(chunk, start)
+            lengths = torch.tensor([len(w) for w in waves])
+            padded = torch.zeros(len(waves), int(lengths.max()))
+            for i, w in enumerate(waves):
+                padded[i, :len(w)] = w
+            device = next(model.parameters()).device
+            speech = model.speech_features(padded.to(device), lengths.to(device))
+            spans = [audio_span(model.placeholder_count(int(n)), model.tokens.audio_tokens)
+                     for n in speech.lengths.tolist()]
+            prompts = [fmt.spoken_question_prompt(span) for span in spans]
+        else:
+            prompts = [fmt.question_prompt(it.question, with_image=mode != "blind") for it in chunk]
         images = None if mode == "blind" else [[blank if blank is not None else item_image(it, tiling)] for it in chunk]
-        new = model.generate(prompts, images=images, max_new_tokens=max_new_tokens, stop_ids=fmt.stop_ids,
-                             pad_id=fmt.pad_id)
+        new = model.generate(prompts, images=images, speech=speech, max_new_tokens=max_new_tokens,
+                             stop_ids=fmt.stop_ids, pad_id=fmt.pad_id)
         answers += [fmt.answer_text(ids) for ids in new]
     return answers
+
+
+def spoken_questions(items: list[VQAItem], first: int = 0) -> list[torch.Tensor]:
+    """Each item's question spoken by a held-out espeak voice (`speech.synthetic.split_voices`: accents no
+    training set of `herd data prepare speech` uses), drawn per question index from SPOKEN_SEED: 16 kHz (T,)."""
+    from speech.espeak import synthesize
+    from speech.synthetic import english_voices, split_voices, voice_for
+    _, heldout = split_voices(english_voices(), 0.2, 0)
+    waves = []
+    for k, item in enumerate(items):
+        rng = random.Random(SPOKEN_SEED * 1_000_003 + first + k)
+        waves.append(synthesize(item.question, voice_for(rng.choice(heldout), rng)))
+    return waves
 
 
 def evaluate_vqa(model, fmt: PromptFormat, items: list[VQAItem], tiling: TilingConfig, *, metric: str = "vqa_exact",
@@ -117,6 +147,12 @@ def summarize(results: dict) -> dict:
         if "image" in results and control in results:
             summary[f"points_over_{control}"] = round(100 * (results["image"]["accuracy"]
                                                              - results[control]["accuracy"]), 2)
+    if "spoken" in results:
+        spoken = results["spoken"]["accuracy"]
+        if "blind" in results:
+            summary["spoken_points_over_blind"] = round(100 * (spoken - results["blind"]["accuracy"]), 2)
+        if "image" in results and results["image"]["accuracy"] > 0:
+            summary["spoken_over_typed"] = round(spoken / results["image"]["accuracy"], 3)
     return summary
 
 
@@ -151,16 +187,18 @@ class Config(RunConfig):
     data: EvalData = field(default_factory=EvalData)
     metric: Optional[Literal["vqa_exact", "vqa", "anls", "relaxed", "exact"]] = field(default=None, metadata={
         "help": "null = vqa_exact for scenes/manifest, the benchmark's own metric otherwise"})
-    controls: list[str] = field(default_factory=lambda: ["blind", "blank"], metadata={"help": "of blind, blank"})
+    controls: list[str] = field(default_factory=lambda: ["blind", "blank"], metadata={
+        "help": "of blind, blank, spoken (the image with the question spoken by held-out espeak voices: a model "
+                "with image and speech modalities, e.g. `herd compose` output)"})
     batch_size: int = field(default=32, metadata={"range": (1, None)})
     max_new_tokens: int = field(default=8, metadata={"range": (1, None)})
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self):
-        bad = [c for c in self.controls if c not in ("blind", "blank")]
+        bad = [c for c in self.controls if c not in ("blind", "blank", "spoken")]
         if bad:
-            raise ValueError(f"key 'controls': {bad} are not among blind, blank")
+            raise ValueError(f"key 'controls': {bad} are not among blind, blank, spoken")
         find_model_folder(Path(self.model))
         if self.language_path is not None:
             resolve_path(self.language_path, "language_path")
@@ -195,6 +233,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
     model, image = loaded.model, loaded.model.config.image
     if image is None:
         raise ConfigError(f"key 'model': the model in {folder} has no image modality")
+    if "spoken" in cfg.controls and model.config.speech is None:
+        raise ConfigError(f"key 'controls': spoken questions need a speech modality; the model in {folder} has "
+                          f"{', '.join(model.config.modalities)} (join an image and a speech folder: herd compose)")
     trained_yaml = folder.parent / "config.yaml"
     trained_cfg = yaml.safe_load(trained_yaml.read_text()) if trained_yaml.is_file() else {}
     tiling = TilingConfig(tile_size=image.vision.image_size, max_tiles=image.vision.max_num_tiles,

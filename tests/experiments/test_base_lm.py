@@ -107,3 +107,27 @@ def test_a_speech_adapter_with_another_span_code_than_the_base_is_refused(chain,
     cfg = {**speech, "output_dir": str(tmp_path), "adapter": {**speech["adapter"], "span_position": 3.0}}
     assert main(["run", str(write(tmp_path / "s.yaml", cfg))]) == 2
     assert "span_position 3.0 differs from the 0.0 the base LM" in capsys.readouterr().err
+
+
+def test_vqa_eval_asks_the_questions_typed_blind_and_spoken(chain, tmp_path):
+    root, _ = chain
+    runs = root / "runs"
+    both = tmp_path / "both"
+    assert main(["compose", str(both), str(runs / "img" / "latest"), str(runs / "asr" / "latest")]) == 0
+    cfg = {"experiment": "ev", "recipe": "vqa_eval", "output_dir": str(tmp_path / "runs"), "model": str(both),
+           "data": {"format": "scenes", "split": "heldout", "scenes": {"image_size": 28, "eval_scenes": 2}},
+           "controls": ["blind", "spoken"], "batch_size": 4, "max_new_tokens": 2, "device": "cpu"}
+    assert main(["run", str(write(tmp_path / "ev.yaml", cfg))]) == 0
+    summary = json.loads((tmp_path / "runs" / "ev" / "latest" / "summary.json").read_text())
+    assert {"vqa_accuracy", "blind_accuracy", "spoken_accuracy", "spoken_points_over_blind"} <= set(summary)
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "ev" / "latest" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == summary["questions"] and all("spoken" in r and "prediction" in r["spoken"] for r in rows)
+
+
+def test_spoken_questions_need_a_speech_modality(chain, tmp_path, capsys):
+    root, _ = chain
+    cfg = {"experiment": "ev", "recipe": "vqa_eval", "output_dir": str(tmp_path / "runs"),
+           "model": str(root / "runs" / "img" / "latest"), "controls": ["spoken"], "device": "cpu",
+           "data": {"format": "scenes", "scenes": {"image_size": 28, "eval_scenes": 1}}}
+    assert main(["run", str(write(tmp_path / "ev.yaml", cfg))]) == 2
+    assert "spoken questions need a speech modality" in capsys.readouterr().err

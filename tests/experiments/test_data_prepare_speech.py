@@ -91,3 +91,24 @@ def test_sentence_and_ast_sets(tmp_path):
     ast_train, _ = load_jsonl_manifest(tmp_path / "speech" / "espeak_ast" / "train.jsonl")
     assert not {u.text for u in ast} & {u.text for u in ast_train}  # unseen sentences too
     assert not (tmp_path / "speech" / "espeak").exists()
+
+
+def test_scene_questions_and_the_mixed_manifest(tmp_path):
+    """The questions set speaks the image quickstart's scene questions (held-out scenes for test items), and its
+    train_mixed.jsonl joins two sets with ids kept apart and audio paths that still resolve."""
+    import json as _json
+
+    from experiments.data_prep_speech import mix_manifests, scene_question_items
+    train = scene_question_items(20, ["en-us+m1"], 0, "train")
+    test = scene_question_items(20, ["en+f3"], 2, "test")
+    assert all(it.text.endswith("?") for it in train + test) and len({it.id for it in train}) == 20
+    assert {it.voice.name for it in test} == {"en+f3"}
+    for name in ("a", "b"):
+        (tmp_path / name / "audio").mkdir(parents=True)
+        (tmp_path / name / "audio" / "x.flac").write_bytes(b"")
+        (tmp_path / name / "train.jsonl").write_text(_json.dumps({"id": "train000000", "audio": "audio/x.flac",
+                                                                   "text": name}) + "\n")
+    out = mix_manifests(tmp_path / "b" / "mixed.jsonl", [tmp_path / "a" / "train.jsonl", tmp_path / "b" / "train.jsonl"])
+    rows = [_json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a/train000000", "b/train000000"]
+    assert all((out.parent / r["audio"]).is_file() for r in rows) and rows[0]["audio"] == "../a/audio/x.flac"
