@@ -7,7 +7,9 @@ stage: the image recipe the answer priors of the scene questions (image_lm_prior
 the image dropped), the speech recipe repeating what stands in an audio span (speech_lm_copy.py: the LM's own
 token embeddings of a transcript, repeated, with silence and noise, between the audio markers). Here both tasks
 share every step (`image_text.batch_size` + `copy.batch_size` examples); the loss is summed over the answer
-tokens of both. The LM and the special-token rows (the audio markers) train.
+tokens of both. The LM and the special-token rows (the audio markers) train. With `image_text.spoken_questions`
+some samples' questions stand in audio spans the way the copy task places text (the LM's token embeddings,
+repeated, between silences), so the LM also learns to answer a question it is given as audio.
 
     herd run experiments/multimodal/base.yaml          # -> runs/<experiment>/<run>/final: a model folder
     image_adapter:   model.language.path: <that final>  (its LM)
@@ -33,6 +35,7 @@ from adapters.model_folder import save_model
 from adapters.multimodal import MultimodalModel, SpeechInputs
 from adapters.multimodal_config import MultimodalConfig
 from adapters.speech_adapter import span_position_code
+from adapters.speech_inputs import audio_span
 from adapters.speech_prompts import SpeechPrompter
 from language.chat_format import chat_format_for
 from speech.manifests import load_manifest
@@ -50,6 +53,7 @@ from .image_data import DataSection, PromptFormat, PromptSection, training_sampl
 from .image_lm_prior import without_image
 from .speech_lm_copy import CopyPretrainSection, copy_batch, span_embeddings
 
+IGNORE_INDEX = -100
 EVAL_SEED = 10 ** 9  # held-out examples: other scenes (split "valid") and other transcripts, drawn from this seed
 
 
@@ -59,6 +63,9 @@ class ImageTextSection:
     batch_size: int = field(default=16, metadata={"range": (0, None), "help": "samples per step; 0 = off"})
     prompt: PromptSection = field(default_factory=PromptSection)
     data: DataSection = field(default_factory=DataSection)
+    spoken_questions: float = field(default=0.0, metadata={
+        "range": (0.0, 1.0), "help": "fraction of samples whose questions stand in audio spans, as the copy task "
+                                    "places text (plain prompts): the LM learns to answer a spoken question"})
 
 
 @dataclass
@@ -104,6 +111,9 @@ class Config(RunConfig):
                              "prior_pretrain: this stage is the text stage)")
         if not self.image_text.batch_size and not self.copy.batch_size:
             raise ValueError("keys 'image_text.batch_size' and 'copy.batch_size' are both 0: nothing to train on")
+        if self.image_text.spoken_questions and (self.image_text.prompt.style != "plain"
+                                                 or self.image_text.data.task != "vqa"):
+            raise ValueError("key 'image_text.spoken_questions' needs prompt.style=plain and data.task=vqa")
         if self.copy.batch_size and self.copy.train is None:
             raise ValueError("key 'copy.train': a speech manifest whose transcripts are copied is needed")
 
@@ -120,20 +130,25 @@ class BaseStage(nn.Module):
         model, total, count = self.model, None, 0
         if batch.get("image") is not None:
             b = batch["image"]
-            loss, n = model.loss_sum(b["tokens"], b["labels"])
+            speech = self._span_inputs(b) if b.get("span_ids") is not None else None
+            loss, n = model.loss_sum(b["tokens"], b["labels"], speech=speech)
             total, count = loss, count + n
         if batch.get("copy") is not None:
             b = batch["copy"]
-            lm = model.language_model
-            values = span_embeddings(lm, b["span_ids"], self.copy.noise if self.training else 0.0, b["generator"])
-            if self.copy.span_position > 0:  # as MultimodalModel adds it to a speech adapter's outputs
-                std = float(lm.model.embed_tokens.weight.detach().float().std())
-                code = span_position_code(values.shape[1], values.shape[-1], device=values.device)
-                values = values + (self.copy.span_position * std * code).to(values.dtype)
-            loss, n = model.loss_sum(b["tokens"], b["labels"],
-                                     speech=SpeechInputs(embeddings=values, embedding_lengths=b["lengths"]))
+            loss, n = model.loss_sum(b["tokens"], b["labels"], speech=self._span_inputs(b))
             total, count = (loss if total is None else total + loss), count + n
         return total, count
+
+    def _span_inputs(self, b: dict) -> SpeechInputs:
+        """The LM's own token embeddings at span_ids (U, L) (-1: silence), noised in training, plus the span
+        position code as MultimodalModel adds it to a speech adapter's outputs."""
+        lm = self.model.language_model
+        values = span_embeddings(lm, b["span_ids"], self.copy.noise if self.training else 0.0, b["generator"])
+        if self.copy.span_position > 0:
+            std = float(lm.model.embed_tokens.weight.detach().float().std())
+            code = span_position_code(values.shape[1], values.shape[-1], device=values.device)
+            values = values + (self.copy.span_position * std * code).to(values.dtype)
+        return SpeechInputs(embeddings=values, embedding_lengths=b["lengths"])
 
 
 class _BaseTask:
@@ -153,6 +168,26 @@ class _BaseTask:
 
     def loss(self, m, batch):
         return m(batch)
+
+
+def _spoken(fmt: PromptFormat, qa: list, audio, tokenizer, shape: CopyPretrainSection, rng: random.Random):
+    """A plain-prompt sample whose questions each stand in an audio span: ({"tokens", "labels"}, [span token ids
+    per question, -1 = silence]) with the template's words around the span, the answers labelled as typed."""
+    template = fmt.prompt.question_template
+    before, _, after = template.partition("{question}")
+    ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    labels, spans = [IGNORE_INDEX] * len(ids), []
+    for q in qa:
+        span = [-1] * rng.randint(0, shape.silence_max)
+        for t in tokenizer.encode(q.question):
+            span += [t] * rng.randint(shape.repeat_min, shape.repeat_max)
+        span += [-1] * rng.randint(0, shape.silence_max)
+        spans.append(span)
+        prompt = ((tokenizer.encode(before.rstrip()) if before.strip() else []) + audio_span(len(span), audio)
+                  + (tokenizer.encode(after) if after.strip() else []))
+        answer = tokenizer.encode(" " + q.answer) + [tokenizer.eos_id]
+        ids, labels = ids + prompt + answer, labels + [IGNORE_INDEX] * len(prompt) + answer
+    return {"tokens": ids, "labels": labels, "images": []}, spans
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
@@ -184,14 +219,29 @@ def run(cfg: Config, run_dir: Path) -> dict:
     prompter = SpeechPrompter(chat_format_for(tokenizer), model.tokens.audio_tokens, "asr")
     shape = cp.shape()
 
-    def image_batch(indices: list[int], samples=train_images, seed: int = cfg.seed) -> Optional[dict]:
+    def image_batch(indices: list[int], samples=train_images, seed: int = cfg.seed,
+                    spoken: float = it.spoken_questions) -> Optional[dict]:
         if not indices:
             return None
-        rows = [without_image(fmt.training_sample(samples[i], it.data.task, it.data.qa_per_sample,
-                                                  random.Random(seed * 1_000_003 + i)), model.tokens.image)
-                for i in indices]
+        rows, spans = [], []
+        for i in indices:
+            rng = random.Random(seed * 1_000_003 + i)
+            sample = fmt.training_sample(samples[i], it.data.task, it.data.qa_per_sample, rng)
+            row = without_image(sample, model.tokens.image)
+            if spoken and rng.random() < spoken:
+                row, row_spans = _spoken(fmt, sample["qa"], prompter.ids, tokenizer, shape, rng)
+                spans += row_spans
+            rows.append(row)
         batch = collate_images(rows)
-        return {"tokens": batch["tokens"], "labels": batch["labels"]}
+        out = {"tokens": batch["tokens"], "labels": batch["labels"]}
+        if spans:
+            lengths = torch.tensor([len(x) for x in spans])
+            span_ids = torch.full((len(spans), int(lengths.max())), -1, dtype=torch.long)
+            for k, x in enumerate(spans):
+                span_ids[k, :len(x)] = torch.tensor(x)
+            out.update(span_ids=span_ids, lengths=lengths,
+                       generator=torch.Generator().manual_seed(seed * 1_000_003 + indices[0]))
+        return out
 
     def copy_batch_at(indices: list[int], pool=transcripts, seed: int = cfg.seed) -> Optional[dict]:
         if not indices:
@@ -214,9 +264,13 @@ def run(cfg: Config, run_dir: Path) -> dict:
         stage.eval()
         record_ = {}
         if it.batch_size:
-            b = image_batch(list(range(n_eval)), valid_images, EVAL_SEED)
-            loss, n = model.loss_sum(b["tokens"], b["labels"])
+            b = image_batch(list(range(n_eval)), valid_images, EVAL_SEED, spoken=0.0)
+            loss, n = stage({"image": b})
             record_["eval_image_text_loss"] = float(loss) / max(int(n), 1)
+            if it.spoken_questions:
+                b = image_batch(list(range(n_eval)), valid_images, EVAL_SEED, spoken=1.0)
+                loss, n = stage({"image": b})
+                record_["eval_spoken_question_loss"] = float(loss) / max(int(n), 1)
         if cp.batch_size:
             b = copy_batch_at(list(range(n_eval)), valid_transcripts, EVAL_SEED)
             loss, n = stage({"copy": b})

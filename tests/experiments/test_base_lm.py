@@ -37,8 +37,8 @@ def chain(tmp_path_factory):
     base = {"experiment": "base", "recipe": "base_lm", "seed": 0, "output_dir": str(runs),
             "language": {"preset": "tiny", "dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64,
                          "tokenizer_vocab_size": 300},
-            "image_text": {"batch_size": 4, "prompt": {"question_template": "{question}"},
-                           "data": {"scenes": {"image_size": 28}, "qa_per_sample": 2}},
+            "image_text": {"batch_size": 4, "prompt": {"question_template": "Question: {question} Answer:"},
+                           "data": {"scenes": {"image_size": 28}, "qa_per_sample": 2}, "spoken_questions": 0.5},
             "copy": {"batch_size": 4, "train": str(root / "train.jsonl"), "valid": str(root / "test.jsonl")},
             "steps": 30, "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 2}, "eval_examples": 8,
             "eval_every": 15, "checkpoint_every": 15}
@@ -70,6 +70,7 @@ def test_the_base_stage_learns_both_text_tasks(chain):
     summary = json.loads((root / "runs" / "base" / "latest" / "summary.json").read_text())
     assert summary["eval_image_text_loss"] < 0.8 * summary["eval_image_text_loss_before"]
     assert summary["eval_copy_loss"] < 0.8 * summary["eval_copy_loss_before"]
+    assert summary["eval_spoken_question_loss"] < 0.8 * summary["eval_spoken_question_loss_before"]
     meta = json.loads((root / "runs" / "base" / "latest" / "final" / "config.json").read_text())
     assert meta["model"]["image"] is None and meta["model"]["speech"] is None
     assert meta["language_model"]["path"] == "language_model"  # the trained LM lives in the folder
