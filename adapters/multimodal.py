@@ -192,11 +192,15 @@ class MultimodalModel(nn.Module):
         features, frame_lengths = self.speech_frontend(waveforms, lengths)
         return SpeechInputs(features, frame_lengths)
 
+    def speech_states(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (U, F, n_mels) + lengths (U,) -> Conformer states (U, F', enc_dim) + lengths (U,); the features
+        are cast to the encoder's weight dtype (a DeepSpeed bf16 module holds bf16 weights)."""
+        self._need("speech")
+        return self.speech_encoder(features.to(self.speech_encoder.stacker.proj.weight.dtype), lengths)
+
     def encode_speech(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features (U, F, n_mels) + lengths (U,) -> adapter outputs (U, L, dim) + lengths (U,), one per placeholder."""
-        self._need("speech")
-        states, state_lengths = self.speech_encoder(features.to(self.speech_encoder.stacker.proj.weight.dtype), lengths)
-        return self.speech_adapter(states, state_lengths)
+        return self.speech_adapter(*self.speech_states(features, lengths))
 
     def placeholder_count(self, n_feature_frames: int) -> int:
         """Audio placeholders an utterance of `n_feature_frames` feature frames needs."""

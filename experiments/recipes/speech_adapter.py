@@ -233,7 +233,7 @@ class SpeechTrainer(nn.Module):
 
     def forward(self, tokens, features, lengths, labels, ctc_targets=None, ctc_lengths=None):
         """labels: house convention (labels[t] = the target after position t, `collate_examples`)."""
-        hidden, hidden_lengths = speech_eval.encoder_states(self.speech, features, lengths)
+        hidden, hidden_lengths = self.speech.speech_states(features, lengths)
         speech, speech_lengths = self.speech.speech_adapter(hidden, hidden_lengths)
         loss, n = self.speech.loss_sum(tokens, labels, speech=SpeechInputs(embeddings=speech,
                                                                            embedding_lengths=speech_lengths))

@@ -63,12 +63,6 @@ def _load(model_dir, device, what: str) -> LoadedModel:
     return loaded
 
 
-def encoder_states(model: MultimodalModel, features: torch.Tensor, lengths: torch.Tensor):
-    """features (U, F, n_mels) + lengths (U,) -> Conformer states (U, F', enc_dim) + lengths (U,), the features cast
-    to the encoder's weight dtype (a DeepSpeed bf16 module holds bf16 weights)."""
-    return model.speech_encoder(features.to(model.speech_encoder.stacker.proj.weight.dtype), lengths)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Decoding and scoring
 
@@ -263,7 +257,7 @@ def ctc_transcribe(model: MultimodalModel, ctc_head: torch.nn.Module, blank: int
     was_training = model.training
     model.eval()
     for _, kept, speech in _feature_batches(model, dataset, batch_size, len(dataset)):
-        hidden, hidden_lengths = encoder_states(model, speech.features, speech.lengths)
+        hidden, hidden_lengths = model.speech_states(speech.features, speech.lengths)
         for (i, it), seq in zip(kept, ctc_greedy(ctc_head(hidden).argmax(-1), hidden_lengths, blank)):
             rows[i] = {"id": it["id"], "reference": it["text"], "hypothesis": tokenizer.decode(seq).strip(),
                        "language": it["language"], "source": it["source"]}

@@ -132,3 +132,35 @@ def test_spoken_questions_need_a_speech_modality(chain, tmp_path, capsys):
            "data": {"format": "scenes", "scenes": {"image_size": 28, "eval_scenes": 1}}}
     assert main(["run", str(write(tmp_path / "ev.yaml", cfg))]) == 2
     assert "spoken questions need a speech modality" in capsys.readouterr().err
+
+
+def test_every_multimodal_experiment_yaml_validates(chain, tmp_path, capsys):
+    """experiments/multimodal/*.yaml resolve (base chains included), their runs/ and data/ paths pointed at this
+    module's runs and manifests."""
+    from experiments.config import load_experiment
+    root, _ = chain
+    runs = root / "runs"
+    composed = tmp_path / "composed"
+    assert main(["compose", str(composed), str(runs / "img" / "latest"), str(runs / "asr" / "latest")]) == 0
+    targets = {"runs/quickstart_base": runs / "base" / "latest" / "final",
+               "runs/quickstart/": runs / "base" / "latest" / "final" / "tokenizer",
+               "runs/quickstart_image_clip": runs / "img" / "latest", "runs/quickstart_mm": composed,
+               "data/": root / "train.jsonl"}
+
+    def point(node):
+        if isinstance(node, dict):
+            return {k: point(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [point(v) for v in node]
+        if isinstance(node, str):
+            for prefix, target in targets.items():
+                if node.startswith(prefix):
+                    return str(target)
+        return node
+
+    yamls = sorted((Path(__file__).resolve().parents[2] / "experiments" / "multimodal").glob("*.yaml"))
+    assert {p.name for p in yamls} == {"base.yaml", "image.yaml", "speech.yaml", "eval.yaml"}
+    for path in yamls:
+        data = point(load_experiment(path))
+        assert main(["run", str(write(tmp_path / path.name, data)), "--print-config"]) == 0, path.name
+        assert yaml.safe_load(capsys.readouterr().out)["recipe"] == data["recipe"]
