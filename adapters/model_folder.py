@@ -278,7 +278,6 @@ def compose(sources: Sequence, out) -> Path:
 
 _PREFIXES = {"image": ("vision_model.", "multi_modal_projector.", "cross_attention_layers."),
              "speech": ("speech_encoder.", "speech_adapter.", "speech_frontend.")}
-_TOKEN_ROWS = {"image": ("image", "video"), "speech": ("audio_start", "audio", "audio_end")}
 
 
 def _merged_extra_rows(config: MultimodalConfig, folders: list[Path], owner: dict[str, Path]) -> torch.Tensor:
@@ -289,8 +288,7 @@ def _merged_extra_rows(config: MultimodalConfig, folders: list[Path], owner: dic
     table[:base.shape[0]] = base
     for modality, folder in owner.items():
         rows = load_file(str(folder / WEIGHTS_FILE))["extra_token_embeddings.weight"]
-        for name in _TOKEN_ROWS[modality]:
-            r = getattr(tokens, name) - tokens.vocab_size
-            if 0 <= r < rows.shape[0]:
+        for r in tokens.rows([modality]):
+            if r < rows.shape[0]:
                 table[r] = rows[r]
     return table

@@ -38,6 +38,7 @@ from .image_tokens import check_image_count, cross_attention_mask, image_spans
 from .multimodal_config import MultimodalConfig
 from .speech_adapter import SpeechAdapter, span_position_code
 from .speech_inputs import speech_inputs
+from .special_tokens import OF_MODALITY
 
 IGNORE_INDEX = -100
 
@@ -114,6 +115,7 @@ class MultimodalModel(nn.Module):
             self.speech_adapter = SpeechAdapter(speech.adapter)
         self.plan = config.plan()
         self.gradient_checkpointing = False
+        self._held_token_rows: list[int] = []  # extra-table rows of modalities a stage does not train
         self.reset_adapter_parameters()
         freezing.apply_freezing(self, freezing.FreezePolicy())
 
@@ -145,8 +147,13 @@ class MultimodalModel(nn.Module):
                 "adapters:speech": [self.speech_adapter], "adapters:tokens": [self.extra_token_embeddings]}
 
     def freeze_for_stage(self, policy: freezing.FreezePolicy | str) -> freezing.FreezePolicy:
-        """Apply a stage's freezing policy (see `adapters.freezing.STAGES`); the LM always stays frozen."""
-        return freezing.apply_freezing(self, policy)
+        """Apply a stage's freezing policy (see `adapters.freezing.STAGES`); the LM always stays frozen. With
+        `modalities` set, the extra token rows of the other modalities get no gradient (e.g. a speech-only
+        stage leaves `<|image|>` as the image stage trained it; exactly so under Adam without weight decay)."""
+        policy = freezing.apply_freezing(self, policy)
+        held = [m for m in OF_MODALITY if policy.modalities is not None and m not in policy.modalities]
+        self._held_token_rows = self.tokens.rows(held)
+        return policy
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return freezing.trainable_parameters(self)
@@ -183,7 +190,11 @@ class MultimodalModel(nn.Module):
             return embed(tokens)
         is_extra = tokens >= vocab
         base = embed(tokens.clamp(max=vocab - 1))
-        extra = self.extra_token_embeddings((tokens - vocab).clamp(min=0, max=self.config.n_extra_tokens - 1))
+        rows = (tokens - vocab).clamp(min=0, max=self.config.n_extra_tokens - 1)
+        extra = self.extra_token_embeddings(rows)
+        if self._held_token_rows and torch.is_grad_enabled():
+            held = torch.isin(rows, torch.tensor(self._held_token_rows, device=rows.device))
+            extra = torch.where(held[..., None], extra.detach(), extra)
         return torch.where(is_extra[..., None], extra.to(base.dtype), base)
 
     def speech_features(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> SpeechInputs:

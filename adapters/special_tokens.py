@@ -23,6 +23,7 @@ from .speech_inputs import AudioTokens
 
 NAMES = ("image", "video", "audio_start", "audio", "audio_end")
 MARKERS = {name: f"<|{name}|>" for name in NAMES}  # how a chat message's text names a medium
+OF_MODALITY = {"image": ("image",), "video": ("video",), "speech": ("audio_start", "audio", "audio_end")}
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class SpecialTokens:
     @property
     def audio_tokens(self) -> AudioTokens:
         return AudioTokens(start_id=self.audio_start, placeholder_id=self.audio, end_id=self.audio_end)
+
+    def rows(self, modalities) -> list[int]:
+        """Rows of the extra embedding table (id - vocab_size) that belong to these modalities' tokens."""
+        ids = [getattr(self, name) for m in modalities for name in OF_MODALITY[m]]
+        return sorted(i - self.vocab_size for i in ids if i >= self.vocab_size)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

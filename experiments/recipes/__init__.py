@@ -21,6 +21,7 @@ RECIPES = {
     "base_lm": "experiments.recipes.base_lm",
     "image_adapter": "experiments.recipes.image_adapter",
     "vqa_eval": "experiments.recipes.vqa_eval",
+    "joint_adapter": "experiments.recipes.joint_adapter",
     "bestrq_pretrain": "experiments.recipes.bestrq_pretrain",
     "speech_adapter": "experiments.recipes.speech_adapter",
     "speech_eval": "experiments.recipes.speech_eval",

@@ -159,8 +159,34 @@ def test_every_multimodal_experiment_yaml_validates(chain, tmp_path, capsys):
         return node
 
     yamls = sorted((Path(__file__).resolve().parents[2] / "experiments" / "multimodal").glob("*.yaml"))
-    assert {p.name for p in yamls} == {"base.yaml", "image.yaml", "speech.yaml", "eval.yaml"}
+    assert {p.name for p in yamls} == {"base.yaml", "image.yaml", "speech.yaml", "joint.yaml", "eval.yaml"}
     for path in yamls:
         data = point(load_experiment(path))
         assert main(["run", str(write(tmp_path / path.name, data)), "--print-config"]) == 0, path.name
         assert yaml.safe_load(capsys.readouterr().out)["recipe"] == data["recipe"]
+
+
+def test_joint_stage_trains_the_speech_side_on_mixed_batches(chain, tmp_path):
+    """joint_adapter on a composed folder: typed, spoken and ASR examples in one batch; only the speech parts (and
+    the special-token rows) change; held-out typed / spoken / blind accuracy before and after; the folder loads."""
+    from safetensors.torch import load_file
+    root, _ = chain
+    runs = root / "runs"
+    both = tmp_path / "both"
+    assert main(["compose", str(both), str(runs / "img" / "latest"), str(runs / "asr" / "latest")]) == 0
+    cfg = {"experiment": "joint", "recipe": "joint_adapter", "seed": 0, "output_dir": str(tmp_path / "runs"),
+           "model": str(both), "freeze": {"stage": "adapter_pretrain", "modalities": ["speech"]},
+           "scenes": {"image_size": 28, "eval_scenes": 2},
+           "mix": {"vqa": 2, "spoken_vqa": 2, "asr": 2, "asr_manifest": str(root / "train.jsonl")},
+           "steps": 3, "schedule": {"warmup_steps": 1}, "checkpoint_every": 3, "eval_batch_size": 8}
+    assert main(["run", str(write(tmp_path / "joint.yaml", cfg))]) == 0
+    run = tmp_path / "runs" / "joint" / "latest"
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"vqa_accuracy", "spoken_accuracy", "blind_accuracy", "before"} <= set(summary)
+    assert {"vqa_accuracy", "spoken_accuracy"} <= set(summary["before"])
+    old, new = load_file(str(both / "adapters.safetensors")), load_file(str(run / "final" / "adapters.safetensors"))
+    changed = {k.split(".")[0] for k in old if not torch.equal(old[k], new[k])}
+    assert changed and changed <= {"speech_encoder", "speech_adapter", "extra_token_embeddings"}, changed
+    image_row = load_model(both).model.tokens.rows(["image"])
+    assert torch.equal(old["extra_token_embeddings.weight"][image_row], new["extra_token_embeddings.weight"][image_row])
+    assert load_model(run).model.config.modalities == ["image", "speech"]
