@@ -58,15 +58,51 @@ speech-data: install
 test: install
 	$(BIN)/python -m pytest
 
-# Text pre-training (its tokenizer serves the next stages), then the image encoder (CLIP) and adapter on procedural
-# scenes, then the speech adapter on espeak speech (held-out voices + the real Asterisk digits when they could be
-# fetched).
+# The composed quickstart: text pre-training (its tokenizer serves every stage), the image encoder (CLIP) and the
+# speech data, one base LM for both modalities, the image and the speech adapter on that frozen base, `herd compose`
+# into one model folder, a short joint stage on mixed batches, and the summary (runs/quickstart_summary.{md,png}).
+# Stages run two at a time (make -j2, one thread each) where their inputs allow; a finished stage is not run again
+# (its summary.json is newer than its YAML and inputs; `make clean-runs` starts over). The per-modality quickstarts
+# (experiments/image/quickstart.yaml, experiments/speech/quickstart.yaml) train their own small LMs and stay runnable.
+ONE_THREAD := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+QS_TEXT := runs/quickstart/latest/summary.json
+QS_CLIP := runs/quickstart_image_clip/latest/summary.json
+QS_SPEECH_DATA := data/speech/espeak_questions/train_mixed.jsonl
+QS_BASE := runs/quickstart_base/latest/summary.json
+QS_IMAGE := runs/quickstart_mm_image/latest/summary.json
+QS_SPEECH := runs/quickstart_mm_speech/latest/summary.json
+QS_COMPOSED := runs/quickstart_mm/config.json
+QS_JOINT := runs/quickstart_mm_joint/latest/summary.json
+
 quickstart: install
-	$(BIN)/herd run experiments/quickstart.yaml
-	$(BIN)/herd run experiments/image/quickstart_clip.yaml
-	$(BIN)/herd run experiments/image/quickstart.yaml
-	$(BIN)/herd data prepare speech
-	$(BIN)/herd run experiments/speech/quickstart.yaml
+	mkdir -p runs && date +%s > runs/.quickstart_started
+	$(MAKE) --no-print-directory -j2 $(QS_JOINT)
+	$(BIN)/herd quickstart-summary --started $$(cat runs/.quickstart_started)
+
+$(QS_TEXT): experiments/quickstart.yaml | $(STAMP)
+	$(ONE_THREAD) $(BIN)/herd run $<
+
+$(QS_CLIP): experiments/image/quickstart_clip.yaml | $(STAMP)
+	$(ONE_THREAD) $(BIN)/herd run $<
+
+$(QS_SPEECH_DATA): | $(STAMP)
+	$(BIN)/herd data prepare speech --sets espeak questions --workers 1
+
+$(QS_BASE): experiments/multimodal/base.yaml $(QS_TEXT) $(QS_SPEECH_DATA)
+	$(ONE_THREAD) $(BIN)/herd run $<
+
+$(QS_IMAGE): experiments/multimodal/image.yaml $(QS_BASE) $(QS_CLIP)
+	$(ONE_THREAD) $(BIN)/herd run $<
+
+$(QS_SPEECH): experiments/multimodal/speech.yaml $(QS_BASE) $(QS_SPEECH_DATA)
+	$(ONE_THREAD) $(BIN)/herd run $<
+
+$(QS_COMPOSED): $(QS_IMAGE) $(QS_SPEECH)
+	rm -rf runs/quickstart_mm
+	$(BIN)/herd compose runs/quickstart_mm runs/quickstart_mm_image/latest runs/quickstart_mm_speech/latest
+
+$(QS_JOINT): experiments/multimodal/joint.yaml $(QS_COMPOSED)
+	$(BIN)/herd run $<
 
 clean-runs:
 	rm -rf runs

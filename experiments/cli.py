@@ -7,6 +7,7 @@
   herd average CKPT CKPT ... [--weights W ...] --out DIR
   herd compose OUT MODEL MODEL [MODEL ...]
   herd chat --model PATH_OR_MODEL_FOLDER [--prompt TEXT]
+  herd quickstart-summary [--runs runs]
 
 Errors in configs, data paths and checkpoints print one line naming what is wrong and exit non-zero.
 """
@@ -115,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("models", nargs="+", help="model folders, or run folders holding final/")
     comp.set_defaults(func=_cmd_compose)
 
+    qs = sub.add_parser("quickstart-summary", help="the table and timeline of `make quickstart`'s stages")
+    qs.add_argument("--runs", default="runs", help="the runs folder the stages wrote")
+    qs.add_argument("--started", type=float, default=None, help="when the quickstart began (epoch seconds)")
+    qs.set_defaults(func=_cmd_quickstart_summary)
+
     chat = sub.add_parser("chat", help="interactive terminal chat with a language model")
     chat.add_argument("--model", required=True, help="HF folder, GGUF file, Meta folder, or a composed model folder "
                                                       "(a run's final/, `herd compose` output)")
@@ -200,6 +206,11 @@ def _cmd_compose(args, _) -> int:
     modalities = [m for m in ("image", "speech") if read_meta(out)["model"].get(m)]
     print(f"wrote {out}: {' + '.join(modalities)} on one base LM")
     return 0
+
+
+def _cmd_quickstart_summary(args, _) -> int:
+    from .quickstart_summary import quickstart_summary_cli
+    return quickstart_summary_cli(args)
 
 
 def _cmd_chat(args, _) -> int:

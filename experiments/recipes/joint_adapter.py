@@ -12,7 +12,7 @@ token embeddings the base stage used for its spoken questions), so the composed 
 near chance until the two meet in a short joint stage.
 
 `final/` is the composed model folder (adapters/model_folder.py); the summary gives held-out accuracy with the
-question typed, spoken (held-out voices) and blind, before and after the stage.
+question typed, spoken (held-out voices) and blind, and the WER on `asr_eval`, before and after the stage.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ from vision.tiling import TilingConfig
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
 from .image_data import PromptFormat, PromptSection, SceneSamples, ScenesSection, scene_vqa_items
+from .speech_eval import evaluate_speech
 from .vqa_eval import evaluate_vqa, summarize
 
 
@@ -85,6 +86,8 @@ class Config(RunConfig):
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=20))
     engine: EngineConfig = field(default_factory=EngineConfig)
+    asr_eval: Optional[ExistingPath] = field(default=None, metadata={
+        "help": "a speech manifest (e.g. held-out voices) decoded before and after; its WER goes in the summary"})
     eval_questions: int = field(default=0, metadata={"range": (0, None), "help": "held-out questions; 0 = all"})
     eval_batch_size: int = field(default=64, metadata={"range": (1, None)})
     checkpoint_every: int = field(default=100, metadata={"range": (1, None)})
@@ -191,24 +194,28 @@ def run(cfg: Config, run_dir: Path) -> dict:
     items = scene_vqa_items(cfg.scenes, "heldout")
     items = items[:cfg.eval_questions] if cfg.eval_questions else items
 
-    def evaluate_heldout() -> dict:
+    def evaluate_heldout(name: str) -> dict:
         results = evaluate_vqa(model, fmt, items, tiling, modes=["image", "blind", "spoken"],
                                batch_size=cfg.eval_batch_size, max_new_tokens=4)
-        return summarize(results)
+        summary = summarize(results)
+        if cfg.asr_eval is not None:
+            asr = evaluate_speech(cfg.model, cfg.asr_eval, run_dir, name=f"asr_{name}", loaded=loaded)
+            summary.update(asr_wer=asr["wer"], asr_wer_basic=asr.get("wer_basic"))
+        return summary
 
     trainer = JointTrainer(model)
     engine = Engine(trainer, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)
     model = engine.module.model if hasattr(engine.module, "model") else model
     state = engine.resume() or {"step": 0}
     if state["step"] == 0:
-        state["before"] = {k: v for k, v in evaluate_heldout().items() if "per_type" not in k}
+        state["before"] = {k: v for k, v in evaluate_heldout("before").items() if "per_type" not in k}
     logger = MetricsLogger(run_dir)
     model.train()
     fitted = fit(engine, _JointTask(cfg, make_batch), Cadence.of(cfg, print_every=10), state, logger,
                  desc=cfg.experiment, seed=cfg.seed)
     if fitted.stopped:
         return fitted.stopped_summary()
-    after = evaluate_heldout()
+    after = evaluate_heldout("after")
     summary = {"model": str(cfg.model), "steps": cfg.steps, "trains": cfg.freeze.modalities or ["image", "speech"],
                "heldout_questions": len(items), "before": state["before"], **after,
                "wall_time_s": round(time.time() - t_start, 1)}

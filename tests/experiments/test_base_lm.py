@@ -49,7 +49,8 @@ def chain(tmp_path_factory):
                        "vision": {"preset": "tiny", "image_size": 28, "patch_size": 14, "max_num_tiles": 1,
                                   "patch_padding_multiple": 1}, "cross_attention_every": 1},
              "prompt": {"question_template": "{question}"},
-             "data": {"scenes": {"image_size": 28, "eval_scenes": 3}, "qa_per_sample": 2},
+             "data": {"scenes": {"image_size": 28, "eval_scenes": 3, "eval_splits": ["valid", "heldout"]},
+                      "qa_per_sample": 2},
              "steps": 3, "batch_size": 4, "schedule": {"warmup_steps": 1}, "checkpoint_every": 3, "eval_every": 3,
              "eval": {"questions": 4, "loss_batches": 1, "max_new_tokens": 2, "batch_size": 8}}
     assert main(["run", str(write(root / "image.yaml", image))]) == 0
@@ -58,7 +59,7 @@ def chain(tmp_path_factory):
               "encoder": {"preset": "tiny", "dim": 32, "n_layers": 1, "n_heads": 2, "ffn_dim": 64},
               "adapter": {"preset": "tiny", "dim": 32, "n_heads": 2, "ffn_dim": 64},
               "data": {"train": str(root / "train.jsonl"), "eval": [{"manifest": str(root / "test.jsonl"),
-                                                                     "name": "heldout"}]},
+                                                                     "name": "heldout_voices"}]},
               "steps": 3, "batch_size": 4, "schedule": {"warmup_steps": 1}, "eval_every": 3, "eval_utterances": 2,
               "checkpoint_every": 3, "max_new_tokens": 3}
     assert main(["run", str(write(root / "speech.yaml", speech))]) == 0
@@ -174,19 +175,42 @@ def test_joint_stage_trains_the_speech_side_on_mixed_batches(chain, tmp_path):
     runs = root / "runs"
     both = tmp_path / "both"
     assert main(["compose", str(both), str(runs / "img" / "latest"), str(runs / "asr" / "latest")]) == 0
-    cfg = {"experiment": "joint", "recipe": "joint_adapter", "seed": 0, "output_dir": str(tmp_path / "runs"),
+    cfg = {"experiment": "joint", "recipe": "joint_adapter", "seed": 0, "output_dir": str(runs),
            "model": str(both), "freeze": {"stage": "adapter_pretrain", "modalities": ["speech"]},
            "scenes": {"image_size": 28, "eval_scenes": 2},
            "mix": {"vqa": 2, "spoken_vqa": 2, "asr": 2, "asr_manifest": str(root / "train.jsonl")},
-           "steps": 3, "schedule": {"warmup_steps": 1}, "checkpoint_every": 3, "eval_batch_size": 8}
+           "asr_eval": str(root / "test.jsonl"), "steps": 3, "schedule": {"warmup_steps": 1}, "checkpoint_every": 3,
+           "eval_batch_size": 8}
     assert main(["run", str(write(tmp_path / "joint.yaml", cfg))]) == 0
-    run = tmp_path / "runs" / "joint" / "latest"
+    run = runs / "joint" / "latest"
     summary = json.loads((run / "summary.json").read_text())
     assert {"vqa_accuracy", "spoken_accuracy", "blind_accuracy", "before"} <= set(summary)
-    assert {"vqa_accuracy", "spoken_accuracy"} <= set(summary["before"])
+    assert {"vqa_accuracy", "spoken_accuracy", "asr_wer"} <= set(summary["before"]) and "asr_wer" in summary
     old, new = load_file(str(both / "adapters.safetensors")), load_file(str(run / "final" / "adapters.safetensors"))
     changed = {k.split(".")[0] for k in old if not torch.equal(old[k], new[k])}
     assert changed and changed <= {"speech_encoder", "speech_adapter", "extra_token_embeddings"}, changed
     image_row = load_model(both).model.tokens.rows(["image"])
     assert torch.equal(old["extra_token_embeddings.weight"][image_row], new["extra_token_embeddings.weight"][image_row])
     assert load_model(run).model.config.modalities == ["image", "speech"]
+
+
+def test_quickstart_summary_reads_every_stage_it_finds(chain, tmp_path, capsys):
+    """herd quickstart-summary over this chain's real runs (under the quickstart's experiment names): a figure and
+    a baseline per stage that ran, the text and CLIP stages listed as not run, the table and the timeline written."""
+    root, _ = chain
+    if not (root / "runs" / "joint" / "latest" / "summary.json").exists():
+        pytest.skip("the joint test did not run")
+    runs = tmp_path / "runs"
+    for experiment, ours in (("quickstart_base", "base"), ("quickstart_mm_image", "img"),
+                             ("quickstart_mm_speech", "asr"), ("quickstart_mm_joint", "joint")):
+        (runs / experiment).mkdir(parents=True)
+        (runs / experiment / "latest").symlink_to((root / "runs" / ours / "latest").resolve())
+    assert main(["quickstart-summary", "--runs", str(runs)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    for stage in ("base LM", "image adapter", "speech adapter", "joint"):
+        assert "not run" not in rows[stage] and "lacks" not in rows[stage], rows[stage]
+    assert "not run" in rows["text"] and "not run" in rows["image encoder (CLIP)"]
+    assert "herd: not run yet: text, image encoder (CLIP)" in out
+    assert (runs / "quickstart_summary.md").read_text().startswith("| stage |")
+    assert (runs / "quickstart_summary.png").stat().st_size > 1000
