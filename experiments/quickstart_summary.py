@@ -31,7 +31,8 @@ def _pct(x: float) -> str:
 
 
 def _text(s: dict) -> tuple[str, str]:
-    niah = s.get("niah_gates") or "no NIAH gate"
+    gate = str(s.get("niah_gates", ""))
+    niah = "gate FAILED, the run went on" if gate.startswith("FAILED") else "gate passed" if gate else "no gate"
     return (f"held-out ppl {s['val_ppl_final']:.0f}; NIAH {s.get('niah_final', float('nan')):.2f} ({niah})",
             f"unigram ppl {s['unigram_ppl']:.0f}")
 
