@@ -112,7 +112,7 @@ def _set_items(kind: str, cfg: EspeakSetConfig, corpus_dir: Path) -> tuple[dict,
 def scene_question_items(n: int, voices, seed: int, prefix: str) -> list[SynthItem]:
     """n questions of procedural scenes (QUESTION_SCENES), each on a random voice: split "train" scenes for the
     train / valid items, "heldout" scenes (colour-shape pairs training never shows) for test items."""
-    from experiments.recipes.image_data import ScenesSection
+    from experiments.image.data import ScenesSection
     from speech.synthetic import voice_for
     from vision.scenes import generate_scene
     config = ScenesSection(**QUESTION_SCENES).scene_config()

@@ -3,10 +3,10 @@ adapter will need of it, then stays frozen under all of them (paper Sec 7-8: one
 and the speech adapters), so their model folders share one base LM and `herd compose` joins them.
 
 A tiny random LM knows nothing a capable Llama brings, so each modality's quickstart taught its own LM a text
-stage: the image recipe the answer priors of the scene questions (image_lm_prior.py: the training prompts with
-the image dropped), the speech recipe repeating what stands in an audio span (speech_lm_copy.py: the LM's own
-token embeddings of a transcript, repeated, with silence and noise, between the audio markers). Here both tasks
-share every step (`image_text.batch_size` + `copy.batch_size` examples); the loss is summed over the answer
+stage: the image recipe the answer priors of the scene questions (experiments/image/lm_prior.py: the training
+prompts with the image dropped), the speech recipe repeating what stands in an audio span
+(experiments/speech/lm_copy.py: the LM's own token embeddings of a transcript, repeated, with silence and noise,
+between the audio markers). Here both tasks share every step (`image_text.batch_size` + `copy.batch_size` examples); the loss is summed over the answer
 tokens of both. The LM and the special-token rows (the audio markers) train. With `image_text.spoken_questions`
 some samples' questions stand in audio spans the way the copy task places text (the LM's token embeddings,
 repeated, between silences), so the LM also learns to answer a question it is given as audio.
@@ -48,10 +48,10 @@ from vision.tiling import TilingConfig
 
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
-from .image_common import LanguageSection, build_language
-from .image_data import DataSection, PromptFormat, PromptSection, training_samples
-from .image_lm_prior import without_image
-from .speech_lm_copy import CopyPretrainSection, copy_batch, span_embeddings
+from ..image.model import LanguageSection, build_language
+from ..image.data import DataSection, PromptFormat, PromptSection, training_samples
+from ..image.lm_prior import without_image
+from ..speech.lm_copy import CopyPretrainSection, copy_batch, span_embeddings
 
 IGNORE_INDEX = -100
 EVAL_SEED = 10 ** 9  # held-out examples: other scenes (split "valid") and other transcripts, drawn from this seed
@@ -70,8 +70,8 @@ class ImageTextSection:
 
 @dataclass
 class CopySection:
-    """Repeating a transcript placed in an audio span (speech_lm_copy.py); `train` / `valid`: speech manifests
-    whose transcripts are copied."""
+    """Repeating a transcript placed in an audio span (experiments/speech/lm_copy.py); `train` / `valid`: speech
+    manifests whose transcripts are copied."""
     batch_size: int = field(default=16, metadata={"range": (0, None), "help": "transcripts per step; 0 = off"})
     train: Optional[ExistingPath] = field(default=None, metadata={"help": "manifest of the training transcripts"})
     valid: Optional[ExistingPath] = field(default=None, metadata={"help": "held-out transcripts (default: train)"})

@@ -39,8 +39,8 @@ from vision.tiling import TilingConfig
 
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
-from .image_common import ENCODER_CONFIG, ENCODER_FILE, VisionSection, build_encoder
-from .image_data import ManifestSamples, SceneSamples, ScenesSection
+from ..image.model import ENCODER_CONFIG, ENCODER_FILE, VisionSection, build_encoder
+from ..image.data import ManifestSamples, SceneSamples, ScenesSection
 
 
 @dataclass

@@ -28,10 +28,10 @@ from training.precision import autocast, resolve_device
 
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
-from .posttrain_common import (AverageSection, EpochStream, ModelSection, StepMetrics, TokenizerSection,
+from ..text.posttrain import (AverageSection, EpochStream, ModelSection, StepMetrics, TokenizerSection,
                                TrainSection, finish_stage, load_lm, load_tokenizer_and_format, permutation,
                                post_training_optim, resolve_checkpoint, save_lm, steps_for, train)
-from .posttrain_eval import TaskEval, TaskEvalSection, report_dict
+from ..text.posttrain_eval import TaskEval, TaskEvalSection, report_dict
 
 REFERENCE_FILE = "reference_logprobs.pt"
 

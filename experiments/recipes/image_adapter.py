@@ -7,14 +7,15 @@ One recipe, three paper stages, chosen by the YAML:
   `model.language.swap_to` hot-swaps the instruct LM in).
 The LM is always frozen (its weights are checked bit-identical at the end); the encoder and adapters train
 per `model.freeze`. A random preset LM can first learn the task's text alone (`model.language.prior_pretrain`,
-image_lm_prior.py), as the paper's LM arrives knowing language. Engine checkpoints hold only trainable
+experiments/image/lm_prior.py), as the paper's LM arrives knowing language. Engine checkpoints hold only trainable
 weights; the run records the frozen LM's path.
-On procedural scenes, `grounding.weight` adds an attention-grounding loss (image_grounding.py: the answer position's
-cross-attention is pushed onto the objects the question names; a training aid, not part of the paper's recipe).
+On procedural scenes, `grounding.weight` adds an attention-grounding loss (experiments/image/grounding.py: the
+answer position's cross-attention is pushed onto the objects the question names; a training aid, not part of the
+paper's recipe).
 Held-out VQA accuracy (greedy short answers, exact match after VQA normalisation, per question type) is
 logged every `eval_every` steps, and the final evaluation adds the image-blind and blank-image controls.
 `final/` is the model folder (`adapters.model_folder`: config.json, adapters.safetensors with every non-LM weight,
-the tokenizer; see image_common.py), which vqa_eval and a later stage's `model.init_from` read.
+the tokenizer; see experiments/image/model.py), which vqa_eval and a later stage's `model.init_from` read.
 """
 from __future__ import annotations
 
@@ -50,11 +51,11 @@ from vision.tiling import TilingConfig
 
 from ..common import RunConfig
 from ..config import ConfigError
-from .image_common import (ModelSection, _from_record, _portable, adapt_encoder_state, build_encoder, build_language,
+from ..image.model import (ModelSection, _from_record, _portable, adapt_encoder_state, build_encoder, build_language,
                            composed_config, resolve_path)
-from .image_data import DataSection, PromptFormat, PromptSection, manifest_vqa_items, scene_vqa_items, training_samples
-from .image_grounding import AttentionGrounding, GroundingSection, grounding_targets
-from .image_lm_prior import AnswersByForm, prior_pretrain, without_image
+from ..image.data import DataSection, PromptFormat, PromptSection, manifest_vqa_items, scene_vqa_items, training_samples
+from ..image.grounding import AttentionGrounding, GroundingSection, grounding_targets
+from ..image.lm_prior import AnswersByForm, prior_pretrain, without_image
 from .vqa_eval import evaluate_vqa, summarize, write_predictions
 
 
@@ -140,7 +141,8 @@ def text_loss_fn(model: MultimodalModel, batch: dict):
 
 
 def grounded_loss_fn(grounding: AttentionGrounding, weight: float):
-    """`loss_fn` + weight x the attention-grounding loss of the batch's "grounding" rows (image_grounding.py)."""
+    """`loss_fn` + weight x the attention-grounding loss of the batch's "grounding" rows
+    (experiments/image/grounding.py)."""
     def loss_with_grounding(model, batch: dict):
         grounding.recording = batch.get("grounding") is not None
         try:
@@ -273,7 +275,7 @@ FORM_POOL_SAMPLES = 2000  # training samples whose answers make prior_pretrain.r
 
 def _prior_stage(cfg: Config, model: MultimodalModel, fmt: PromptFormat, train, collate, run_dir: Path) -> dict:
     """model.language.prior_pretrain: train the run's random LM on the training samples' text alone
-    (image_lm_prior.py) before the engine takes the trainable parameters, and save it over
+    (experiments/image/lm_prior.py) before the engine takes the trainable parameters, and save it over
     run_dir/language_model (the LM this run records), with PRIOR_FILE beside it. A resumed run has loaded that
     LM already (build_language) and skips the stage. {} when off."""
     section = cfg.model.language.prior_pretrain
@@ -310,7 +312,7 @@ def _prior_stage(cfg: Config, model: MultimodalModel, fmt: PromptFormat, train, 
 
 def _training_loss(cfg: Config, model: MultimodalModel, collate):
     """-> (collate, loss_fn, AttentionGrounding or None) of the training steps: with grounding.weight, batches carry
-    the grounded questions' targets and the loss adds the attention-grounding term (image_grounding.py)."""
+    the grounded questions' targets and the loss adds the attention-grounding term (experiments/image/grounding.py)."""
     if not cfg.grounding.weight:
         return collate, loss_fn, None
     vision = model.config.image.vision

@@ -45,7 +45,7 @@ from vision.tiling import TilingConfig
 
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
-from .image_data import PromptFormat, PromptSection, SceneSamples, ScenesSection, scene_vqa_items
+from ..image.data import PromptFormat, PromptSection, SceneSamples, ScenesSection, scene_vqa_items
 from .speech_eval import evaluate_speech
 from .vqa_eval import evaluate_vqa, summarize
 

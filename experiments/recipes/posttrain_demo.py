@@ -45,8 +45,8 @@ from training.precision import resolve_device
 from ..common import RunConfig
 from ..config import ExistingPath
 from . import dpo, rejection_sampling, reward_model, sft
-from .posttrain_common import ModelSection, load_lm, resolve_checkpoint, save_lm
-from .posttrain_eval import load_prompts, paired_improvement, write_json
+from ..text.posttrain import ModelSection, load_lm, resolve_checkpoint, save_lm
+from ..text.posttrain_eval import load_prompts, paired_improvement, write_json
 
 BYTE_VOCAB = 256 + 16  # train_bpe: 256 byte tokens (no merges) + TRAIN_SPECIAL_TOKENS
 

@@ -37,8 +37,8 @@ from training.progress import Progress
 
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
-from .posttrain_common import ModelSection, TokenizerSection, load_lm, load_tokenizer_and_format, resolve_checkpoint
-from .posttrain_eval import load_prompts, paired_improvement, report_dict, write_json
+from ..text.posttrain import ModelSection, TokenizerSection, load_lm, load_tokenizer_and_format, resolve_checkpoint
+from ..text.posttrain_eval import load_prompts, paired_improvement, report_dict, write_json
 
 
 @dataclass

@@ -27,10 +27,10 @@ from training.losses import bradley_terry_loss, pairwise_accuracy
 
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
-from .posttrain_common import (AverageSection, EpochStream, ModelSection, StepMetrics, TokenizerSection,
+from ..text.posttrain import (AverageSection, EpochStream, ModelSection, StepMetrics, TokenizerSection,
                                TrainSection, finish_stage, load_lm, load_tokenizer_and_format, permutation,
                                post_training_optim, resolve_checkpoint, steps_for, train)
-from .posttrain_eval import binomial_se, report_dict, write_json
+from ..text.posttrain_eval import binomial_se, report_dict, write_json
 
 
 EVAL_SHUFFLE = 2**31 - 1  # shuffle seeds of held-out rows: (seed, EVAL_SHUFFLE, i); training uses (seed, epoch, i)

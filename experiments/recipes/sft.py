@@ -21,10 +21,10 @@ from training.losses import sft_loss
 
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath
-from .posttrain_common import (AverageSection, EpochStream, ModelSection, TokenizerSection, TrainSection,
+from ..text.posttrain import (AverageSection, EpochStream, ModelSection, TokenizerSection, TrainSection,
                                finish_stage, load_lm, load_tokenizer_and_format, permutation, post_training_optim,
                                save_lm, steps_for, train)
-from .posttrain_eval import TaskEval, TaskEvalSection, report_dict
+from ..text.posttrain_eval import TaskEval, TaskEvalSection, report_dict
 
 
 @dataclass

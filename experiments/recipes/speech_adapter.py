@@ -53,7 +53,7 @@ from ..config import ConfigError, ExistingPath
 from ..data_prep_speech import ESPEAK_SETS, prepare_speech
 from . import speech_eval
 from .bestrq_pretrain import EncoderSection, load_encoder_init
-from .speech_lm_copy import CopyPretrainSection, copy_pretrain
+from ..speech.lm_copy import CopyPretrainSection, copy_pretrain
 
 
 @dataclass
@@ -458,8 +458,8 @@ def _finish(cfg, engine, trainer, tokenizer, evaluate, eval_sets, notes, train_s
 
 
 def _copy_stage(cfg: Config, model, tokenizer, prompter, train_set, run_dir: Path) -> dict:
-    """language_model.copy_pretrain: train the LM on the copy task (speech_lm_copy) before the engine takes the
-    trainable parameters, and save it; a resumed run loads the saved LM instead. {} when off."""
+    """language_model.copy_pretrain: train the LM on the copy task (experiments/speech/lm_copy.py) before the
+    engine takes the trainable parameters, and save it; a resumed run loads the saved LM instead. {} when off."""
     section = cfg.language_model.copy_pretrain
     if section.steps == 0:
         return {}

@@ -35,8 +35,8 @@ from vision.vqa_metrics import METRICS, normalize_vqa_answer
 
 from ..common import RunConfig
 from ..config import ConfigError, ExistingPath, build
-from .image_common import resolve_path
-from .image_data import (PromptFormat, PromptSection, ScenesSection, VQAItem, blank_image, item_image,
+from ..image.model import resolve_path
+from ..image.data import (PromptFormat, PromptSection, ScenesSection, VQAItem, blank_image, item_image,
                          manifest_vqa_items, scene_vqa_items)
 
 MODES = ("image", "blind", "blank", "spoken")

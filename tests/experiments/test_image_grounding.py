@@ -1,4 +1,4 @@
-"""Attention grounding (experiments/recipes/image_grounding.py): the recomputed attention equals the block's own,
+"""Attention grounding (experiments/image/grounding.py): the recomputed attention equals the block's own,
 targets cover the named objects' patches, and the loss moves attention onto them."""
 import random
 
@@ -8,8 +8,8 @@ from torch import nn
 
 from adapters.cross_attention import GatedCrossAttentionBlock
 from adapters.image_tokens import IGNORE_INDEX
-from experiments.recipes.image_data import PromptFormat, PromptSection, SceneSamples, ScenesSection
-from experiments.recipes.image_grounding import (AttentionGrounding, GroundingSection, answer_positions,
+from experiments.image.data import PromptFormat, PromptSection, SceneSamples, ScenesSection
+from experiments.image.grounding import (AttentionGrounding, GroundingSection, answer_positions,
                                                  attention_probs, grounding_targets, patch_targets)
 from language.tokenizer import train_bpe
 from vision.tiling import TilingConfig

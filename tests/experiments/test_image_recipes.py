@@ -191,7 +191,7 @@ def test_next_stage_more_tiles_chat_format_and_hot_swapped_lm(chain, tmp_path):
     assert new["vision_model.pre_tile_positional_embedding.embedding.weight"].shape[1] == 2 * 32
     assert before["vision_model.patch_embedding.weight"].shape == new["vision_model.patch_embedding.weight"].shape
     # model.vision.init_from reads the encoder of an image model folder (a run or its final/)
-    from experiments.recipes.image_common import read_encoder
+    from experiments.image.model import read_encoder
     config, state = read_encoder(first)
     assert config.max_num_tiles == 1 and set(state) == {k.removeprefix("vision_model.") for k in before
                                                         if k.startswith("vision_model.")}
@@ -261,7 +261,7 @@ def test_lm_prior_stage_trains_the_random_lm_on_text_then_freezes_it_and_a_resum
 
 
 def test_answers_by_form_pool_per_masked_question_and_break_the_colour_shape_pairs():
-    from experiments.recipes.image_lm_prior import AnswersByForm
+    from experiments.image.lm_prior import AnswersByForm
     from vision.scenes import QA, SceneConfig, generate_scene
     config = SceneConfig(image_size=56, max_objects=2, p_word=0, p_digit=0)
     qas = [qa for i in range(300) for qa in generate_scene(i, "train", 0, config).qa]
@@ -312,7 +312,7 @@ def test_vqa_eval_of_a_folder_that_is_no_model(tmp_path, capsys):
 
 
 def test_prompt_formats_label_only_answers():
-    from experiments.recipes.image_data import PromptFormat, PromptSection
+    from experiments.image.data import PromptFormat, PromptSection
     from language.tokenizer import train_bpe
     from vision.image_dataset import ImageSample
     from vision.scenes import QA

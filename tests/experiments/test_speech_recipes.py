@@ -259,7 +259,7 @@ def test_ast_translation_pretrain_and_bleu_baseline(data, tmp_path, capsys):
     from adapters.model_folder import load_model
     from adapters.multimodal import SpeechInputs
     from experiments.recipes.speech_eval import speech_prompter
-    from experiments.recipes.speech_lm_copy import CopyPretrainSection, copy_batch, span_embeddings
+    from experiments.speech.lm_copy import CopyPretrainSection, copy_batch, span_embeddings
     loaded = load_model(run)
     assert speech_prompter(loaded).task == "ast"  # the folder records the task
     section = CopyPretrainSection(steps=1, repeat_min=2, repeat_max=2, silence_max=0)
@@ -326,7 +326,7 @@ def test_copy_batch_puts_each_token_repeated_between_silences(data):
     import random as _random
     from adapters.speech_inputs import AudioTokens
     from adapters.speech_prompts import IGNORE_INDEX, SpeechPrompter
-    from experiments.recipes.speech_lm_copy import CopyPretrainSection, copy_batch, draw_texts
+    from experiments.speech.lm_copy import CopyPretrainSection, copy_batch, draw_texts
     from language.chat_format import chat_format_for
     from language.tokenizer import load_tokenizer
     with pytest.raises(ValueError, match="repeat_max"):

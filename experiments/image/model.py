@@ -37,7 +37,7 @@ from vision.open_clip_convert import config_from_open_clip, load_open_clip_visua
 from vision.tiling import supported_aspect_ratios
 
 from ..config import ConfigError, missing_path
-from .image_lm_prior import PriorPretrainSection
+from .lm_prior import PriorPretrainSection
 
 ENCODER_FILE, ENCODER_CONFIG = "encoder.safetensors", "vision_config.json"
 
@@ -88,7 +88,7 @@ class LanguageSection:
     swap_to: Optional[str] = field(default=None, metadata={
         "help": "hot-swap this LM in after loading the earlier stage (paper: the instruct LM for SFT)"})
     prior_pretrain: PriorPretrainSection = field(default_factory=PriorPretrainSection, metadata={
-        "help": "train the random preset LM on the task's text alone first (image_lm_prior.py), then freeze it"})
+        "help": "train the random preset LM on the task's text alone first (lm_prior.py), then freeze it"})
 
     def __post_init__(self):
         for key in ("path", "tokenizer", "swap_to"):

@@ -6,7 +6,7 @@
 - `train`: a post-training run through the one training loop (`training.loop.fit`: deterministic batches
   from the step number, so a resumed run equals an uninterrupted one; each rank trains on its share of a
   step's examples), plus averaging of the last snapshots into the final model.
-Held-out evaluation (prompt files, task accuracy, noise estimates) is in posttrain_eval.py.
+Held-out evaluation (prompt files, task accuracy, noise estimates) is in experiments/text/posttrain_eval.py.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from training.metrics import MetricsLogger, plot_curves
 
 from ..config import ConfigError, ExistingPath
 from .posttrain_eval import write_json
-from .text_pretrain import ModelSection, build_model
+from ..recipes.text_pretrain import ModelSection, build_model
 
 __all__ = ["ModelSection", "TokenizerSection", "TrainSection", "AverageSection"]
 

@@ -1,0 +1,1 @@
+"""The speech experiments' YAMLs, and the speech recipes' LM copy stage."""

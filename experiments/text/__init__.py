@@ -1,0 +1,1 @@
+"""The text experiments' YAMLs, and the helpers the post-training recipes share."""
