@@ -99,6 +99,9 @@ class Config(RunConfig):
             raise ValueError("key 'mix': every batch size is 0")
         if self.mix.asr and self.mix.asr_manifest is None:
             raise ValueError("key 'mix.asr_manifest': the asr examples need a speech manifest")
+        if self.engine.backend == "deepspeed" and self.engine.zero_stage == 3:
+            raise ValueError("key 'engine.zero_stage': the joint stage evaluates and saves on rank 0 with whole "
+                             "weights; use engine.zero_stage <= 2")
 
 
 class JointTrainer(nn.Module):
@@ -207,15 +210,16 @@ def run(cfg: Config, run_dir: Path) -> dict:
     engine = Engine(trainer, cfg.engine, cfg.optim, cfg.schedule, total_steps=cfg.steps, run_dir=run_dir, seed=cfg.seed)
     model = engine.module.model if hasattr(engine.module, "model") else model
     state = engine.resume() or {"step": 0}
-    if state["step"] == 0:
-        state["before"] = {k: v for k, v in evaluate_heldout("before").items() if "per_type" not in k}
+    if state["step"] == 0:  # evaluations run on rank 0 alone (ZeRO <= 2: every rank holds whole weights)
+        state["before"] = ({k: v for k, v in evaluate_heldout("before").items() if "per_type" not in k}
+                           if is_rank0() else {})
     logger = MetricsLogger(run_dir)
     model.train()
     fitted = fit(engine, _JointTask(cfg, make_batch), Cadence.of(cfg, print_every=10), state, logger,
                  desc=cfg.experiment, seed=cfg.seed)
     if fitted.stopped:
         return fitted.stopped_summary()
-    after = evaluate_heldout("after")
+    after = evaluate_heldout("after") if is_rank0() else {}
     summary = {"model": str(cfg.model), "steps": cfg.steps, "trains": cfg.freeze.modalities or ["image", "speech"],
                "heldout_questions": len(items), "before": state["before"], **after,
                "wall_time_s": round(time.time() - t_start, 1)}

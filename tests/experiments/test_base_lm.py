@@ -214,3 +214,39 @@ def test_quickstart_summary_reads_every_stage_it_finds(chain, tmp_path, capsys):
     assert "herd: not run yet: text, image encoder (CLIP)" in out
     assert (runs / "quickstart_summary.md").read_text().startswith("| stage |")
     assert (runs / "quickstart_summary.png").stat().st_size > 1000
+
+
+def test_joint_stage_on_two_ranks_trains_on_halves_of_each_step(chain, tmp_path, herd_two_ranks):
+    """Under 2 ranks (DeepSpeed ZeRO-1, gloo) each rank trains on its half of a step's mixed rows (typed, spoken,
+    ASR): token counts and losses equal one process with 2 micro-batches of the same halves. Step 1 is the same
+    arithmetic; ZeRO-1's flat partitions round the updates differently (~log2(P) * u ~ 1e-6 relative per step),
+    which moves losses ~1-10 by < 1e-5 after 3 steps; 1e-4. A rank on the wrong rows moves them by >= 1e-2."""
+    root, _ = chain
+    runs = root / "runs"
+    both = tmp_path / "both"
+    assert main(["compose", str(both), str(runs / "img" / "latest"), str(runs / "asr" / "latest")]) == 0
+
+    def cfg(out, **extra):
+        return {"experiment": "joint", "recipe": "joint_adapter", "seed": 0, "output_dir": str(out),
+                "model": str(both), "freeze": {"stage": "adapter_pretrain"}, "scenes": {"image_size": 28,
+                                                                                        "eval_scenes": 1},
+                "mix": {"vqa": 2, "spoken_vqa": 2, "asr": 2, "asr_manifest": str(root / "train.jsonl")},
+                "eval_questions": 2, "steps": 3, "schedule": {"warmup_steps": 1}, "checkpoint_every": 3, **extra}
+    herd_two_ranks("run", str(write(tmp_path / "two.yaml", cfg(tmp_path / "two"))), "engine.backend=deepspeed",
+                   "engine.zero_stage=1", cwd=tmp_path)
+    assert main(["run", str(write(tmp_path / "one.yaml", cfg(tmp_path / "one", engine={"grad_accum_steps": 2})))]) == 0
+    records = [[json.loads(x) for x in (out / "joint" / "latest" / "metrics.jsonl").read_text().splitlines()]
+               for out in (tmp_path / "two", tmp_path / "one")]
+    steps = [[r for r in rs if "loss" in r] for rs in records]
+    assert len(steps[0]) == 3 and [r["tokens"] for r in steps[0]] == [r["tokens"] for r in steps[1]]
+    assert [r["loss"] for r in steps[0]] == pytest.approx([r["loss"] for r in steps[1]], abs=1e-4)
+    assert json.loads((tmp_path / "two" / "joint" / "latest" / "summary.json").read_text())["before"]
+
+
+def test_joint_stage_refuses_zero3(chain, tmp_path, capsys):
+    root, _ = chain
+    cfg = {"experiment": "joint", "recipe": "joint_adapter", "output_dir": str(tmp_path),
+           "model": str(root / "runs" / "img" / "latest"), "mix": {"asr": 0},
+           "engine": {"backend": "deepspeed", "zero_stage": 3}}
+    assert main(["run", str(write(tmp_path / "j.yaml", cfg)), "--print-config"]) == 2
+    assert "engine.zero_stage" in capsys.readouterr().err
