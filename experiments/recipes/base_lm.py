@@ -111,6 +111,9 @@ class Config(RunConfig):
                              "prior_pretrain: this stage is the text stage)")
         if not self.image_text.batch_size and not self.copy.batch_size:
             raise ValueError("keys 'image_text.batch_size' and 'copy.batch_size' are both 0: nothing to train on")
+        if self.engine.backend == "deepspeed" and self.engine.zero_stage == 3:
+            raise ValueError("key 'engine.zero_stage': the base stage saves its whole LM from rank 0; use "
+                             "engine.zero_stage <= 2")
         if self.image_text.spoken_questions and (self.image_text.prompt.style != "plain"
                                                  or self.image_text.data.task != "vqa"):
             raise ValueError("key 'image_text.spoken_questions' needs prompt.style=plain and data.task=vqa")

@@ -43,6 +43,7 @@ def chain(tmp_path_factory):
             "steps": 30, "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 2}, "eval_examples": 8,
             "eval_every": 15, "checkpoint_every": 15}
     assert main(["run", str(write(root / "base.yaml", base))]) == 0
+    root.joinpath("base.json").write_text(json.dumps(base))
     base_final = str(runs / "base" / "latest" / "final")
     image = {"experiment": "img", "recipe": "image_adapter", "seed": 0, "output_dir": str(runs),
              "model": {"language": {"path": base_final},
@@ -250,3 +251,24 @@ def test_joint_stage_refuses_zero3(chain, tmp_path, capsys):
            "engine": {"backend": "deepspeed", "zero_stage": 3}}
     assert main(["run", str(write(tmp_path / "j.yaml", cfg)), "--print-config"]) == 2
     assert "engine.zero_stage" in capsys.readouterr().err
+
+
+def test_base_stage_on_two_ranks_trains_on_halves_of_each_step(chain, tmp_path, herd_two_ranks):
+    """The base stage under 2 ranks (DeepSpeed ZeRO-1, gloo): each rank trains on its half of every step's image-text
+    and copy rows; token counts equal and losses within 1e-4 of one process with 2 micro-batches (bound as in the
+    joint stage's test); ZeRO-3 is refused with one line."""
+    root, _ = chain
+    base = json.loads((root / "base.json").read_text())
+
+    def cfg(out, **extra):
+        return {**base, "output_dir": str(out), "steps": 3, "eval_every": 100, "checkpoint_every": 3, **extra}
+    herd_two_ranks("run", str(write(tmp_path / "two.yaml", cfg(tmp_path / "two"))), "engine.backend=deepspeed",
+                   "engine.zero_stage=1", cwd=tmp_path)
+    assert main(["run", str(write(tmp_path / "one.yaml", cfg(tmp_path / "one", engine={"grad_accum_steps": 2})))]) == 0
+    records = [[json.loads(x) for x in (out / "base" / "latest" / "metrics.jsonl").read_text().splitlines()]
+               for out in (tmp_path / "two", tmp_path / "one")]
+    steps = [[r for r in rs if "loss" in r] for rs in records]
+    assert len(steps[0]) == 3 and [r["tokens"] for r in steps[0]] == [r["tokens"] for r in steps[1]]
+    assert [r["loss"] for r in steps[0]] == pytest.approx([r["loss"] for r in steps[1]], abs=1e-4)
+    zero3 = cfg(tmp_path / "z", engine={"backend": "deepspeed", "zero_stage": 3})
+    assert main(["run", str(write(tmp_path / "z.yaml", zero3)), "--print-config"]) == 2
