@@ -120,17 +120,24 @@ def _counts(counter: Counter, skip: str = "") -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(counter.items()) if k != skip) or "none"
 
 
+def pad_waveforms(waves: Sequence[torch.Tensor], pad_to_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D waveforms -> (B, T) float32 zero-padded to the longest (rounded up to pad_to_multiple samples) and their
+    lengths (B,) int64."""
+    lengths = torch.tensor([w.numel() for w in waves], dtype=torch.long)
+    longest = int(lengths.max()) if len(waves) else 0
+    longest = -(-longest // pad_to_multiple) * pad_to_multiple
+    padded = torch.zeros(len(waves), longest, dtype=torch.float32)
+    for row, w in enumerate(waves):
+        padded[row, :w.numel()] = w
+    return padded, lengths
+
+
 def collate_speech(items: Sequence[dict | None], pad_to_multiple: int = 1) -> dict:
     """Pad waveforms to the longest (rounded up to pad_to_multiple samples) -> {"waveforms" (B, T) float32,
     "lengths" (B,) int64, "ids", "texts", "languages", "translations", "translation_languages", "speakers",
     "skipped": number of None items dropped}. B may be 0 when every item was bad."""
     good = [it for it in items if it is not None]
-    lengths = torch.tensor([it["waveform"].numel() for it in good], dtype=torch.long)
-    longest = int(lengths.max()) if len(good) else 0
-    longest = -(-longest // pad_to_multiple) * pad_to_multiple
-    waveforms = torch.zeros(len(good), longest, dtype=torch.float32)
-    for row, it in enumerate(good):
-        waveforms[row, : it["waveform"].numel()] = it["waveform"]
+    waveforms, lengths = pad_waveforms([it["waveform"] for it in good], pad_to_multiple)
     return {"waveforms": waveforms, "lengths": lengths, "ids": [it["id"] for it in good],
             "texts": [it["text"] for it in good], "languages": [it["language"] for it in good],
             "translations": [it["translation"] for it in good],

@@ -34,7 +34,7 @@ from adapters.speech_prompts import SpeechPrompter
 from language.chat_format import chat_format_for
 from speech.audio_io import AudioConfig
 from speech.espeak import synthesize
-from speech.speech_dataset import SpeechDataset
+from speech.speech_dataset import SpeechDataset, pad_waveforms
 from speech.synthetic import english_voices, split_voices, voice_for
 from training.config import EngineConfig, OptimConfig, ScheduleConfig
 from training.distributed import is_rank0
@@ -91,7 +91,6 @@ class Config(RunConfig):
     eval_questions: int = field(default=0, metadata={"range": (0, None), "help": "held-out questions; 0 = all"})
     eval_batch_size: int = field(default=64, metadata={"range": (1, None)})
     checkpoint_every: int = field(default=100, metadata={"range": (1, None)})
-    eval_every: int = field(default=1000000, metadata={"range": (1, None)})
     stop_after_steps: Optional[int] = field(default=None, metadata={"range": (1, None)})
 
     def __post_init__(self):
@@ -187,11 +186,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                             "images": sample.images})
         batch = collate(samples)
         if waves:
-            lengths = torch.tensor([w.numel() for w in waves])
-            padded = torch.zeros(len(waves), int(lengths.max()))
-            for k, w in enumerate(waves):
-                padded[k, :len(w)] = w
-            batch.update(waveforms=padded, lengths=lengths)
+            batch["waveforms"], batch["lengths"] = pad_waveforms(waves)
         return batch
 
     items = scene_vqa_items(cfg.scenes, "heldout")

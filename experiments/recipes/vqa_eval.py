@@ -27,6 +27,7 @@ import yaml
 
 from adapters.model_folder import find_model_folder, load_model
 from adapters.speech_inputs import audio_span
+from speech.speech_dataset import pad_waveforms
 from training.distributed import is_rank0
 from training.precision import resolve_device
 from vision.tiling import TilingConfig
@@ -64,11 +65,7 @@ def answer_questions(model, fmt: PromptFormat, items: list[VQAItem], tiling: Til
         chunk = items[start:start + batch_size]
         speech = None
         if mode == "spoken":
-            waves = spoken_questions(chunk, start)
-            lengths = torch.tensor([len(w) for w in waves])
-            padded = torch.zeros(len(waves), int(lengths.max()))
-            for i, w in enumerate(waves):
-                padded[i, :len(w)] = w
+            padded, lengths = pad_waveforms(spoken_questions(chunk, start))
             device = next(model.parameters()).device
             speech = model.speech_features(padded.to(device), lengths.to(device))
             spans = [audio_span(model.placeholder_count(int(n)), model.tokens.audio_tokens)

@@ -217,6 +217,14 @@ def test_quickstart_summary_reads_every_stage_it_finds(chain, tmp_path, capsys):
     assert (runs / "quickstart_summary.png").stat().st_size > 1000
 
 
+def _assert_same_steps(two: Path, one: Path, n: int) -> None:
+    """The 2-rank run's n training records equal the 1-process run's: same token counts, losses within 1e-4."""
+    steps = [[r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+             for run in (two, one)]
+    assert len(steps[0]) == n and [r["tokens"] for r in steps[0]] == [r["tokens"] for r in steps[1]]
+    assert [r["loss"] for r in steps[0]] == pytest.approx([r["loss"] for r in steps[1]], abs=1e-4)
+
+
 def test_joint_stage_on_two_ranks_trains_on_halves_of_each_step(chain, tmp_path, herd_two_ranks):
     """Under 2 ranks (DeepSpeed ZeRO-1, gloo) each rank trains on its half of a step's mixed rows (typed, spoken,
     ASR): token counts and losses equal one process with 2 micro-batches of the same halves. Step 1 is the same
@@ -236,11 +244,7 @@ def test_joint_stage_on_two_ranks_trains_on_halves_of_each_step(chain, tmp_path,
     herd_two_ranks("run", str(write(tmp_path / "two.yaml", cfg(tmp_path / "two"))), "engine.backend=deepspeed",
                    "engine.zero_stage=1", cwd=tmp_path)
     assert main(["run", str(write(tmp_path / "one.yaml", cfg(tmp_path / "one", engine={"grad_accum_steps": 2})))]) == 0
-    records = [[json.loads(x) for x in (out / "joint" / "latest" / "metrics.jsonl").read_text().splitlines()]
-               for out in (tmp_path / "two", tmp_path / "one")]
-    steps = [[r for r in rs if "loss" in r] for rs in records]
-    assert len(steps[0]) == 3 and [r["tokens"] for r in steps[0]] == [r["tokens"] for r in steps[1]]
-    assert [r["loss"] for r in steps[0]] == pytest.approx([r["loss"] for r in steps[1]], abs=1e-4)
+    _assert_same_steps(tmp_path / "two" / "joint" / "latest", tmp_path / "one" / "joint" / "latest", n=3)
     assert json.loads((tmp_path / "two" / "joint" / "latest" / "summary.json").read_text())["before"]
 
 
@@ -265,10 +269,6 @@ def test_base_stage_on_two_ranks_trains_on_halves_of_each_step(chain, tmp_path, 
     herd_two_ranks("run", str(write(tmp_path / "two.yaml", cfg(tmp_path / "two"))), "engine.backend=deepspeed",
                    "engine.zero_stage=1", cwd=tmp_path)
     assert main(["run", str(write(tmp_path / "one.yaml", cfg(tmp_path / "one", engine={"grad_accum_steps": 2})))]) == 0
-    records = [[json.loads(x) for x in (out / "base" / "latest" / "metrics.jsonl").read_text().splitlines()]
-               for out in (tmp_path / "two", tmp_path / "one")]
-    steps = [[r for r in rs if "loss" in r] for rs in records]
-    assert len(steps[0]) == 3 and [r["tokens"] for r in steps[0]] == [r["tokens"] for r in steps[1]]
-    assert [r["loss"] for r in steps[0]] == pytest.approx([r["loss"] for r in steps[1]], abs=1e-4)
+    _assert_same_steps(tmp_path / "two" / "base" / "latest", tmp_path / "one" / "base" / "latest", n=3)
     zero3 = cfg(tmp_path / "z", engine={"backend": "deepspeed", "zero_stage": 3})
     assert main(["run", str(write(tmp_path / "z.yaml", zero3)), "--print-config"]) == 2
